@@ -17,11 +17,12 @@ find_python312() {
 }
 
 setup() {
-  local extras=$1 stamp=".venv/.installed-$1"
+  local extras=$1 stamp=".venv/.installed-${1:-base}" spec=.
+  [ -n "$extras" ] && spec=".[$extras]"
   if [ ! -x .venv/bin/python ]; then "$(find_python312)" -m venv .venv; fi
   if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
     .venv/bin/python -m pip install -q --upgrade pip
-    .venv/bin/python -m pip install -q -e ".[$extras]"
+    .venv/bin/python -m pip install -q -e "$spec"
     touch "$stamp"
   fi
 }
@@ -29,7 +30,7 @@ setup() {
 cmd=${1:-}; shift || true
 case "$cmd" in
   main)
-    setup test
+    setup ""
     exec .venv/bin/python -m bitgen main "$@" ;;
   test)
     setup test

@@ -1,0 +1,1 @@
+"""Evaluation of tokenizers: reconstruction quality, code statistics, baselines."""
