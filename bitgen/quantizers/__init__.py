@@ -2,3 +2,8 @@
 
 from bitgen.quantizers.base import QuantizerOutput
 from bitgen.quantizers import bits
+from bitgen.quantizers import bsq
+from bitgen.quantizers import stats
+from bitgen.quantizers.bsq import BSQConfig
+from bitgen.quantizers.modules import BSQ
+from bitgen.quantizers.registry import build
