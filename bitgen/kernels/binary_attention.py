@@ -1,0 +1,361 @@
+"""Binary (1-bit Q/K) attention for training and prefill: reference, Pallas TPU and GPU kernels.
+
+BinaryAttention (EdwardChasel/BinaryAttention) math, layout [B, T, N, H] as `bitgen.nn.attention`:
+
+  q_hat = s_q sign(q), k_hat = s_k sign(k), s = mean|x|, sign(0) = +1
+  out = softmax(q_hat k_hat^T / sqrt(H) + bias, masked) v
+
+The +-1 dot products are exact small integers, so the kernels compute them on the matrix units in
+int8 (TPU MXU, Hopper wgmma s8 -> s32) and apply the scales s_q s_k / sqrt(H) as a rank-1 factor
+(row factor x column factor) before an f32 online softmax. The quantisation (sign, scale and the
+clipped straight-through gradient, `_binarize`) runs in XLA around the kernel; the kernel sits
+inside a `custom_vjp` whose backward is the reference math (exact, it recomputes the dense scores).
+
+Masks: None; "causal" (key j <= query i, T == S); integer segment ids [T] or [B, T] for
+block-causal attention (query i sees key j iff seg[j] <= seg[i]: Infinity's "all earlier scales and
+your own" with seg = scale index); or a boolean array broadcastable to [B, N, T, S] (reference only).
+
+implementation: "auto" runs the Pallas kernel of the backend it runs on (GPU: Mosaic GPU, TPU:
+Mosaic TPU) and the reference elsewhere, or where the kernel cannot take the inputs (logged, never
+wrong numbers); "reference" always the reference; "pallas_tpu" / "pallas_gpu" force a kernel (an
+unsupported input raises) and run it in the Pallas interpreter when the backend is not theirs
+(that is how CPU tests check the kernels' numerics).
+"""
+
+import dataclasses
+import functools
+import logging
+import math
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from bitgen.kernels._binarize import SCALE_MODES, ScaleMode, binarize, pack_signs, unpack_signs
+
+__all__ = ["binary_attention", "binary_attention_reference", "pack_signs", "unpack_signs",
+           "Implementation"]
+
+Implementation = Literal["auto", "reference", "pallas_gpu", "pallas_tpu"]
+IMPLEMENTATIONS = ("auto", "reference", "pallas_gpu", "pallas_tpu")
+KERNEL_HEAD_DIMS = (64, 128)
+# Finite, so a tile whose row is fully masked gives exp(mask - max) = 0 instead of NaN.
+MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
+_log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Mask:
+  """Normalised mask: `segments` [B, T] / [B, S] int32 (block-causal, causal = arange), or dense."""
+  q_segments: jax.Array | None = None
+  k_segments: jax.Array | None = None
+  dense: jax.Array | None = None
+  causal: bool = False
+
+
+def _normalize_mask(mask, batch: int, q_len: int, kv_len: int) -> _Mask:
+  if mask is None:
+    return _Mask()
+  if isinstance(mask, str):
+    if mask != "causal":
+      raise ValueError(f"mask string must be 'causal', got {mask!r}")
+    if q_len != kv_len:
+      raise ValueError(f"causal mask needs equal query and key lengths, got T={q_len}, S={kv_len}")
+    seg = jnp.broadcast_to(jnp.arange(q_len, dtype=jnp.int32), (batch, q_len))
+    return _Mask(q_segments=seg, k_segments=seg, causal=True)
+  mask = jnp.asarray(mask)
+  if mask.dtype == jnp.bool_:
+    if mask.ndim > 4:
+      raise ValueError(f"boolean mask must broadcast to [B, N, T, S], got shape {mask.shape}")
+    return _Mask(dense=mask)
+  if jnp.issubdtype(mask.dtype, jnp.integer):
+    if q_len != kv_len:
+      raise ValueError(f"segment ids need equal query and key lengths, got T={q_len}, S={kv_len}")
+    if mask.shape not in ((q_len,), (batch, q_len)):
+      raise ValueError(f"segment ids must have shape [T] or [B, T] = [{batch}, {q_len}], "
+                       f"got {mask.shape}")
+    seg = jnp.broadcast_to(mask.astype(jnp.int32), (batch, q_len))
+    return _Mask(q_segments=seg, k_segments=seg)
+  raise TypeError(f"mask must be None, 'causal', integer segment ids or a boolean array, "
+                  f"got dtype {mask.dtype}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Reference.
+
+
+def _attend_reference(q_sign, q_scale, k_sign, k_scale, v, bias, mask: _Mask):
+  """The factored math every implementation matches; f32 softmax, output in v.dtype."""
+  head_dim = q_sign.shape[-1]
+  # [B, N, T, S]: exact integers (|dot| <= H) in every matmul precision.
+  dots = jnp.einsum("btnh,bsnh->bnts", q_sign, k_sign, preferred_element_type=jnp.float32)
+  row = jnp.transpose(q_scale, (0, 2, 1, 3)) / math.sqrt(head_dim)  # [B, N, T|1, 1]
+  col = jnp.transpose(k_scale, (0, 2, 3, 1))  # [B, N, 1, S|1]
+  logits = dots * row * col
+  if bias is not None:
+    logits = logits + bias.astype(jnp.float32)
+  allowed = None
+  if mask.q_segments is not None:
+    allowed = (mask.k_segments[:, None, None, :] <= mask.q_segments[:, None, :, None])
+  if mask.dense is not None:
+    allowed = mask.dense
+  if allowed is not None:
+    logits = jnp.where(allowed, logits, MASK_VALUE)
+  probs = jax.nn.softmax(logits, axis=-1)
+  # [B, T, N, H]
+  out = jnp.einsum("bnts,bsnh->btnh", probs, v.astype(jnp.float32),
+                   precision=lax.Precision.HIGHEST)
+  return out.astype(v.dtype)
+
+
+def binary_attention_reference(q, k, v, *, bias=None, mask=None, scale_mode: ScaleMode = "per_head"):
+  """Pure-JAX binary attention (plain autodiff, no custom_vjp): the definition the kernels match."""
+  _check_inputs(q, k, v, scale_mode)
+  q_sign, q_scale = binarize(q, scale_mode)
+  k_sign, k_scale = binarize(k, scale_mode)
+  m = _normalize_mask(mask, q.shape[0], q.shape[1], k.shape[1])
+  return _attend_reference(q_sign, q_scale, k_sign, k_scale, v, bias, m)
+
+
+def _check_inputs(q, k, v, scale_mode):
+  if scale_mode not in SCALE_MODES:
+    raise ValueError(f"scale_mode must be one of {SCALE_MODES}, got {scale_mode!r}")
+  if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
+    raise ValueError(f"q, k, v must be [B, T, N, H], got shapes {q.shape}, {k.shape}, {v.shape}")
+  if k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[2:] != k.shape[2:]:
+    raise ValueError(f"q [B, T, N, H] and k, v [B, S, N, H] disagree: {q.shape}, {k.shape}, "
+                     f"{v.shape}")
+  for name, x in (("q", q), ("k", k), ("v", v)):
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+      raise TypeError(f"{name} must be floating point, got {x.dtype}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Public entry point and its custom_vjp.
+
+
+def binary_attention(q, k, v, *, bias=None, mask=None, scale_mode: ScaleMode = "per_head",
+                     implementation: Implementation = "auto"):
+  """Binary Q/K attention. q: [B, T, N, H], k/v: [B, S, N, H], bias: broadcastable to [B, N, T, S].
+
+  Returns [B, T, N, H] in v.dtype. Gradients flow to q, k (clipped STE + scale path), v and bias.
+  """
+  _check_inputs(q, k, v, scale_mode)
+  if implementation not in IMPLEMENTATIONS:
+    raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
+  m = _normalize_mask(mask, q.shape[0], q.shape[1], k.shape[1])
+  kernel = _pick_kernel(implementation, q, k, v, bias, m)
+  q_sign, q_scale = binarize(q, scale_mode)
+  k_sign, k_scale = binarize(k, scale_mode)
+  if kernel is None:
+    return _attend_reference(q_sign, q_scale, k_sign, k_scale, v, bias, m)
+  return _attend_kernel(kernel, m.causal, q_sign, q_scale, k_sign, k_scale, v, m.q_segments)
+
+
+def _pick_kernel(implementation, q, k, v, bias, mask: _Mask):
+  """The kernel function to run, or None for the reference."""
+  if implementation == "reference":
+    return None
+  backend = jax.default_backend()
+  if implementation == "auto":
+    name = {"gpu": "pallas_gpu", "cuda": "pallas_gpu", "tpu": "pallas_tpu"}.get(backend)
+    if name is None:
+      return None
+  else:
+    name = implementation
+  reason = _unsupported_reason(name, q, k, v, bias, mask)
+  if reason is not None:
+    if implementation == "auto":
+      _log.warning("binary_attention: %s kernel cannot take these inputs (%s); using the reference",
+                   name, reason)
+      return None
+    raise ValueError(f"binary_attention implementation={name!r} cannot take these inputs: {reason}")
+  if name == "pallas_tpu":
+    return functools.partial(_tpu_forward, interpret=backend != "tpu")
+  return functools.partial(_gpu_forward, interpret=backend not in ("gpu", "cuda"))
+
+
+def _unsupported_reason(name, q, k, v, bias, mask: _Mask) -> str | None:
+  head_dim = q.shape[-1]
+  if head_dim not in KERNEL_HEAD_DIMS:
+    return f"head dim {head_dim} not in {KERNEL_HEAD_DIMS}"
+  if bias is not None:
+    return "an additive bias (the kernels take none)"
+  if mask.dense is not None:
+    return "a dense boolean mask (kernels take None, 'causal' or segment ids)"
+  if name == "pallas_gpu":
+    return _gpu_unsupported_reason(q, k, v, mask)
+  return None
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _attend_kernel(kernel, causal, q_sign, q_scale, k_sign, k_scale, v, segments):
+  return kernel(q_sign, q_scale, k_sign, k_scale, v, segments, causal=causal)
+
+
+def _attend_kernel_fwd(kernel, causal, q_sign, q_scale, k_sign, k_scale, v, segments):
+  out = kernel(q_sign, q_scale, k_sign, k_scale, v, segments, causal=causal)
+  return out, (q_sign, q_scale, k_sign, k_scale, v, segments)
+
+
+def _attend_kernel_bwd(kernel, causal, residuals, g):
+  del kernel, causal
+  q_sign, q_scale, k_sign, k_scale, v, segments = residuals
+  mask = _Mask(q_segments=segments, k_segments=segments)
+  _, vjp = jax.vjp(lambda *a: _attend_reference(*a, None, mask),
+                   q_sign, q_scale, k_sign, k_scale, v)
+  return (*vjp(g), None)
+
+
+_attend_kernel.defvjp(_attend_kernel_fwd, _attend_kernel_bwd)
+
+
+def _kernel_factors(q_scale, k_scale, batch, q_len, kv_len, heads, head_dim):
+  """Row factor s_q / sqrt(H) as [B, N, T] and column factor s_k as [B, N, S], float32."""
+  row = jnp.broadcast_to(q_scale[..., 0], (batch, q_len, heads)) / math.sqrt(head_dim)
+  col = jnp.broadcast_to(k_scale[..., 0], (batch, kv_len, heads))
+  return jnp.transpose(row, (0, 2, 1)), jnp.transpose(col, (0, 2, 1))
+
+
+# ----------------------------------------------------------------------------------------------
+# TPU kernel (Mosaic TPU): flash attention over [B, N, T, H] with int8 +-1 scores on the MXU.
+
+
+@dataclasses.dataclass(frozen=True)
+class TpuBlockSizes:
+  block_q: int = 512
+  block_kv: int = 512
+
+
+def _round_up(x, m):
+  return -(-x // m) * m
+
+
+def _tpu_forward(q_sign, q_scale, k_sign, k_scale, v, segments, *, causal,
+                 blocks: TpuBlockSizes = TpuBlockSizes(), interpret=False):
+  from jax.experimental import pallas as pl
+  from jax.experimental.pallas import tpu as pltpu
+
+  del causal  # causal arrives as segments = arange(T); the block skip below derives from them.
+  batch, q_len, heads, head_dim = q_sign.shape
+  kv_len = k_sign.shape[1]
+  # Blocks: multiples of 128 (int8 sublane tiles are 32, lanes 128), padded sequences.
+  block_q = min(blocks.block_q, _round_up(q_len, 128))
+  block_kv = min(blocks.block_kv, _round_up(kv_len, 128))
+  q_pad, kv_pad = _round_up(q_len, block_q), _round_up(kv_len, block_kv)
+  num_q, num_kv = q_pad // block_q, kv_pad // block_kv
+
+  row, col = _kernel_factors(q_scale, k_scale, batch, q_len, kv_len, heads, head_dim)
+  # Padded keys get the largest segment id so no real query sees them; padded queries see all.
+  big = jnp.iinfo(jnp.int32).max
+  if segments is None:
+    q_seg = jnp.zeros((batch, q_len), jnp.int32)
+    k_seg = jnp.zeros((batch, kv_len), jnp.int32)
+  else:
+    q_seg, k_seg = segments, segments
+  q_seg = jnp.pad(q_seg, ((0, 0), (0, q_pad - q_len)), constant_values=big)
+  k_seg = jnp.pad(k_seg, ((0, 0), (0, kv_pad - kv_len)), constant_values=big)
+  masked = segments is not None or kv_pad != kv_len
+  # Which (q block, kv block) pairs hold any allowed entry: [B, num_q, num_kv], flattened for SMEM.
+  q_max = q_seg.reshape(batch, num_q, block_q).max(-1)
+  k_min = k_seg.reshape(batch, num_kv, block_kv).min(-1)
+  needed = (k_min[:, None, :] <= q_max[:, :, None]).astype(jnp.int32)
+  # Skipped blocks re-use the last needed block's index, so their DMA is elided.
+  kv_index = jnp.where(needed > 0, jnp.arange(num_kv, dtype=jnp.int32), -1)
+  kv_index = jnp.maximum(lax.cummax(kv_index, axis=2), 0).reshape(-1)
+  needed = needed.reshape(-1)
+
+  def to_heads_major(x, length, pad_value=0):  # [B, L, N, H] -> [B, N, L_pad, H]
+    x = jnp.transpose(x, (0, 2, 1, 3))
+    return jnp.pad(x, ((0, 0), (0, 0), (0, length - x.shape[2]), (0, 0)), constant_values=pad_value)
+
+  q_i8 = to_heads_major(q_sign.astype(jnp.int8), q_pad)
+  k_i8 = to_heads_major(k_sign.astype(jnp.int8), kv_pad)
+  v_t = to_heads_major(v, kv_pad)
+  row = jnp.pad(row, ((0, 0), (0, 0), (0, q_pad - q_len)))[..., None]  # [B, N, T_pad, 1]
+  col = jnp.pad(col, ((0, 0), (0, 0), (0, kv_pad - kv_len)))[:, :, None, :]  # [B, N, 1, S_pad]
+  q_seg = q_seg[:, :, None]  # [B, T_pad, 1]
+  k_seg = k_seg[:, None, :]  # [B, 1, S_pad]
+
+  def flat(b, i, j):
+    return (b * num_q + i) * num_kv + j
+
+  def kernel(needed_ref, kv_index_ref, q_ref, k_ref, v_ref, row_ref, col_ref, qs_ref, ks_ref,
+             o_ref, m_scr, l_scr, acc_scr):
+    b, i, j = pl.program_id(0), pl.program_id(2), pl.program_id(3)
+
+    @pl.when(j == 0)
+    def _init():
+      m_scr[...] = jnp.full(m_scr.shape, MASK_VALUE, jnp.float32)
+      l_scr[...] = jnp.zeros(l_scr.shape, jnp.float32)
+      acc_scr[...] = jnp.zeros(acc_scr.shape, jnp.float32)
+
+    @pl.when(needed_ref[flat(b, i, j)] > 0)
+    def _step():
+      # 1. +-1 scores, exact in int32: [block_q, block_kv].
+      dots = lax.dot_general(q_ref[...], k_ref[...], (((1,), (1,)), ((), ())),
+                             preferred_element_type=jnp.int32)
+      # 2. logits = dots * s_q / sqrt(H) * s_k, then the block-causal / padding mask.
+      s = dots.astype(jnp.float32) * row_ref[...] * col_ref[...]
+      if masked:
+        s = jnp.where(ks_ref[...] <= qs_ref[...], s, MASK_VALUE)
+      # 3. Online softmax in f32 and the P.V accumulation.
+      m_prev = m_scr[...]
+      m_new = jnp.maximum(m_prev, s.max(axis=-1, keepdims=True))
+      p = jnp.exp(s - m_new)
+      alpha = jnp.exp(m_prev - m_new)
+      l_scr[...] = alpha * l_scr[...] + p.sum(axis=-1, keepdims=True)
+      acc_scr[...] = alpha * acc_scr[...] + jnp.dot(
+          p.astype(v_ref.dtype), v_ref[...], preferred_element_type=jnp.float32)
+      m_scr[...] = m_new
+
+    @pl.when(j == num_kv - 1)
+    def _finish():
+      o_ref[...] = (acc_scr[...] / l_scr[...]).astype(o_ref.dtype)
+
+  def kv_map(b, n, i, j, needed_ref, kv_index_ref):
+    return (b, n, kv_index_ref[flat(b, i, j)], 0)
+
+  squeeze = None
+  in_specs = [
+      pl.BlockSpec((squeeze, squeeze, block_q, head_dim), lambda b, n, i, j, *_: (b, n, i, 0)),
+      pl.BlockSpec((squeeze, squeeze, block_kv, head_dim), kv_map),
+      pl.BlockSpec((squeeze, squeeze, block_kv, head_dim), kv_map),
+      pl.BlockSpec((squeeze, squeeze, block_q, 1), lambda b, n, i, j, *_: (b, n, i, 0)),
+      pl.BlockSpec((squeeze, squeeze, 1, block_kv),
+                   lambda b, n, i, j, nr, kr: (b, n, 0, kr[flat(b, i, j)])),
+      pl.BlockSpec((squeeze, block_q, 1), lambda b, n, i, j, *_: (b, i, 0)),
+      pl.BlockSpec((squeeze, 1, block_kv), lambda b, n, i, j, nr, kr: (b, 0, kr[flat(b, i, j)])),
+  ]
+  out = pl.pallas_call(
+      kernel,
+      grid_spec=pltpu.PrefetchScalarGridSpec(
+          num_scalar_prefetch=2,
+          grid=(batch, heads, num_q, num_kv),
+          in_specs=in_specs,
+          out_specs=pl.BlockSpec((squeeze, squeeze, block_q, head_dim),
+                                 lambda b, n, i, j, *_: (b, n, i, 0)),
+          scratch_shapes=[pltpu.VMEM((block_q, 1), jnp.float32),
+                          pltpu.VMEM((block_q, 1), jnp.float32),
+                          pltpu.VMEM((block_q, head_dim), jnp.float32)],
+      ),
+      out_shape=jax.ShapeDtypeStruct((batch, heads, q_pad, head_dim), v.dtype),
+      compiler_params=pltpu.CompilerParams(
+          dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
+      interpret=pltpu.InterpretParams() if interpret else False,
+  )(needed, kv_index, q_i8, k_i8, v_t, row, col, q_seg, k_seg)
+  return jnp.transpose(out[:, :, :q_len], (0, 2, 1, 3))
+
+
+# ----------------------------------------------------------------------------------------------
+# GPU kernel (Mosaic GPU, Hopper): see the section below.
+
+
+def _gpu_unsupported_reason(q, k, v, mask: _Mask) -> str | None:
+  return "the Mosaic GPU kernel is not written yet"
+
+
+def _gpu_forward(*args, **kwargs):
+  raise NotImplementedError
