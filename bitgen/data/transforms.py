@@ -7,13 +7,6 @@ import numpy as np
 import PIL.Image
 
 
-def check_image(image: np.ndarray, where: str = "image") -> np.ndarray:
-  image = np.asarray(image)
-  if image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] != 3:
-    raise ValueError(f"{where} must be uint8 [H, W, 3], got {image.dtype} {image.shape}")
-  return image
-
-
 def resize_short_side(image: np.ndarray, short_side: int) -> np.ndarray:
   """Resizes so that min(H, W) == short_side, keeping the aspect ratio (bicubic, antialiased)."""
   height, width = image.shape[:2]
