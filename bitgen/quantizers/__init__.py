@@ -3,7 +3,9 @@
 from bitgen.quantizers.base import QuantizerOutput
 from bitgen.quantizers import bits
 from bitgen.quantizers import bsq
+from bitgen.quantizers import lfq
 from bitgen.quantizers import stats
 from bitgen.quantizers.bsq import BSQConfig
-from bitgen.quantizers.modules import BSQ
+from bitgen.quantizers.lfq import LFQConfig
+from bitgen.quantizers.modules import BSQ, LFQ
 from bitgen.quantizers.registry import build

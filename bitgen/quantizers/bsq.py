@@ -64,6 +64,11 @@ class BSQConfig:
       raise ValueError(f"BSQ bit_order must be 'msb' or 'lsb', got {self.bit_order!r}")
 
   @property
+  def dim(self) -> int:
+    """Input channels."""
+    return self.num_bits
+
+  @property
   def code_scale(self) -> float:
     return 1.0 / math.sqrt(self.num_bits) if self.l2_norm else 1.0
 
@@ -117,7 +122,7 @@ def group_indices_to_bits(indices: jax.Array, group_size: int) -> jax.Array:
   return grouped.reshape(*indices.shape[:-1], -1)
 
 
-def decode_bits(bits: jax.Array, config: BSQConfig) -> jax.Array:
+def decode_codes(bits: jax.Array, config: BSQConfig) -> jax.Array:
   """(..., L) bits -> (..., L) codebook entries +-1/sqrt(L) (official `get_codebook_entry`)."""
   if bits.shape[-1] != config.num_bits:
     raise ValueError(f"BSQ expects codes of shape (..., {config.num_bits}), got {tuple(bits.shape)}")
@@ -126,7 +131,7 @@ def decode_bits(bits: jax.Array, config: BSQConfig) -> jax.Array:
 
 def decode_indices(indices: jax.Array, config: BSQConfig) -> jax.Array:
   """(...,) int indices (in `config.bit_order`) -> (..., L) codebook entries."""
-  return decode_bits(bits_lib.indices_to_bits(indices, config.num_bits, config.bit_order), config)
+  return decode_codes(bits_lib.indices_to_bits(indices, config.num_bits, config.bit_order), config)
 
 
 def quantize(u: jax.Array, config: BSQConfig, *, compute_loss: bool = True) -> QuantizerOutput:

@@ -5,11 +5,13 @@ from typing import Any
 
 from bitgen import configlib
 from bitgen.quantizers import bsq
+from bitgen.quantizers import lfq
 from bitgen.quantizers import modules
 
 # name -> (config dataclass, module class)
 QUANTIZERS = {
     "bsq": (bsq.BSQConfig, modules.BSQ),
+    "lfq": (lfq.LFQConfig, modules.LFQ),
 }
 
 

@@ -87,7 +87,7 @@ def test_invariants(mode):
   out = bsq.quantize(_random_unit(jax.random.key(0), (3, 5, num_bits)), config)
   np.testing.assert_allclose(np.abs(out.quantized), 1 / math.sqrt(num_bits), rtol=1e-6)
   assert out.codes.dtype == jnp.uint8 and out.indices.dtype == jnp.int32
-  np.testing.assert_array_equal(bsq.decode_bits(out.codes, config), out.quantized)
+  np.testing.assert_array_equal(bsq.decode_codes(out.codes, config), out.quantized)
   ps, cb = out.metrics["persample_entropy"], out.metrics["codebook_entropy"]
   # Entropy of a mean >= mean of entropies (concavity); each term <= L log 2 nats.
   assert 0 <= ps <= cb + 1e-5 <= num_bits * math.log(2) + 1e-4
