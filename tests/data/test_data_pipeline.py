@@ -6,6 +6,8 @@ The dataset is built once per session into a temporary data dir, with sockets di
 import os
 import pathlib
 import socket
+import subprocess
+import sys
 
 import grain
 import ml_collections
@@ -231,3 +233,17 @@ def test_missing_dataset_says_how_to_prepare_it(tmp_path):
 def test_unknown_dataset_name(tmp_path):
   with pytest.raises(ValueError, match="unknown dataset 'no_such_photos'"):
     data.num_classes({"name": "no_such_photos", "image_size": 32, "data_dir": os.fspath(tmp_path)})
+
+
+@pytest.mark.slow
+def test_concurrent_builds_share_one_dataset(tmp_path):
+  """Two processes of one host preparing the same data dir at once: one builds, the other reuses."""
+  code = ("import sys; from bitgen.data import embedded_photos; "
+          "print(embedded_photos.prepare(sys.argv[1]).info.splits['train'].num_examples)")
+  procs = [subprocess.Popen([sys.executable, "-c", code, os.fspath(tmp_path)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True) for _ in range(2)]
+  outputs = [proc.communicate(timeout=300) for proc in procs]
+  for proc, (out, err) in zip(procs, outputs):
+    assert proc.returncode == 0, err[-2000:]
+    assert out.split()[-1] == str(len(embedded_photos.TRAIN_PHOTOS))
+  assert len(list((tmp_path / "embedded_photos").glob("*/embedded_photos-train.array_record-*"))) == 1
