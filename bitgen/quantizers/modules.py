@@ -12,6 +12,7 @@ import jax
 from flax import nnx
 
 from bitgen.quantizers import bsq
+from bitgen.quantizers import fsq
 from bitgen.quantizers import lfq
 from bitgen.quantizers.base import QuantizerOutput
 
@@ -47,3 +48,9 @@ class LFQ(_Quantizer):
   """Lookup-free quantizer on inputs of shape (..., num_bits)."""
 
   impl = lfq
+
+
+class FSQ(_Quantizer):
+  """Finite scalar quantizer on inputs of shape (..., len(levels)); codes are level digits."""
+
+  impl = fsq

@@ -5,6 +5,7 @@ from typing import Any
 
 from bitgen import configlib
 from bitgen.quantizers import bsq
+from bitgen.quantizers import fsq
 from bitgen.quantizers import lfq
 from bitgen.quantizers import modules
 
@@ -12,6 +13,7 @@ from bitgen.quantizers import modules
 QUANTIZERS = {
     "bsq": (bsq.BSQConfig, modules.BSQ),
     "lfq": (lfq.LFQConfig, modules.LFQ),
+    "fsq": (fsq.FSQConfig, modules.FSQ),
 }
 
 
