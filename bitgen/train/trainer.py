@@ -1,0 +1,159 @@
+"""The generic training loop and `run(config, workdir)`, the entry point the CLI calls.
+
+`run` builds the mesh, the task's model on its shardings, the optimizer and the data pipeline,
+resumes from the latest checkpoint in `<workdir>/checkpoints` if there is one, trains to
+`config.train.steps`, and writes metrics (`metrics.jsonl`, `tensorboard/`), reconstruction grids
+(`grids/step_XXXXXXX.png`) and checkpoints. The config layout is documented in
+`bitgen.train.config`. Importing this module has no side effects.
+"""
+
+from collections.abc import Callable, Iterator, Mapping
+import dataclasses
+import json
+import pathlib
+import time
+from typing import Any
+
+import jax
+from flax import nnx
+from jax.sharding import AxisType, PartitionSpec as P
+
+from bitgen import parallel
+from bitgen.train import config as config_lib
+from bitgen.train.checkpoint import Checkpointer
+from bitgen.train.metrics import MetricsWriter, save_grid
+from bitgen.train.optimizer import learning_rate_schedule, make_optimizer
+from bitgen.train.state import TrainState, create_train_state
+from bitgen.train.step import jit_train_step
+from bitgen.train.task import Task
+
+
+@dataclasses.dataclass
+class TrainResult:
+  state: TrainState                 # the final (sharded) training state
+  graphdef: nnx.GraphDef            # nnx.merge(graphdef, state.params, state.extra) is the model
+  history: list[dict[str, float]]   # the logged metrics, one dict per log step ({"step": ...})
+  workdir: pathlib.Path
+
+  def model(self, ema: bool = False) -> nnx.Module:
+    """The trained model (with the EMA parameters when `ema` and EMA is on)."""
+    params = self.state.ema_params if ema and self.state.ema_params else self.state.params
+    return nnx.merge(self.graphdef, params, self.state.extra)
+
+
+def build_task(config) -> Task:
+  """The task named by `config.task` (so far: "tokenizer")."""
+  if config.task == "tokenizer":
+    from bitgen.train.tokenizer import TokenizerTask  # pylint: disable=g-import-not-at-top
+    return TokenizerTask(config.model, loss=config.train.loss)
+  raise ValueError(f"unknown task {config.task!r}; expected one of ['tokenizer']")
+
+
+def _train_iterator(config, batch_size: int):
+  from bitgen import data  # pylint: disable=g-import-not-at-top
+  pipeline = data.make_pipeline(config.data, split="train", batch_size=batch_size,
+                                seed=config.train.seed)
+  return pipeline if hasattr(pipeline, "__next__") else iter(pipeline)
+
+
+def _jit_visualize(task: Task, graphdef, mesh, count: int):
+  """(params, extra, batch) -> the task's grid images for the first `count` examples, replicated."""
+
+  def visualize(params, extra, batch):
+    model = nnx.merge(graphdef, params, extra)
+    return task.visualize(model, {k: v[:count] for k, v in batch.items()})
+
+  if any(t == AxisType.Explicit for t in mesh.axis_types):
+    visualize = jax.sharding.auto_axes(visualize, out_sharding=P())
+  return jax.jit(visualize, out_shardings=parallel.replicated(mesh))
+
+
+def run(config: Mapping[str, Any], workdir: str | pathlib.Path, *, task: Task | None = None,
+        train_data: Iterator[Mapping[str, Any]] | None = None,
+        progress_callback: Callable[[int, dict], None] | None = None) -> TrainResult:
+  """Trains (or resumes) the model of `config` in `workdir`; returns the final state and history.
+
+  task: overrides the task built from `config.task` (tests, new families).
+  train_data: overrides the data pipeline: an iterator of per-process batches
+    {"image": [B/processes, H, W, 3], ...}; with `get_state`/`set_state` it is checkpointed.
+  """
+  parallel.initialize()
+  config = config_lib.with_defaults(config)
+  train, log = config.train, config.log
+  workdir = pathlib.Path(workdir)
+  mesh = parallel.make_mesh(config.mesh)
+  rules = parallel.rules_from_config(config.mesh.rules)
+  divisor = parallel.batch_divisor(mesh, rules)
+  if train.batch_size % divisor:
+    raise ValueError(f"config.train.batch_size {train.batch_size} is not divisible by the "
+                     f"{divisor} batch shards of mesh {dict(mesh.shape)}")
+  task = task or build_task(config)
+  tx = make_optimizer(train)
+  schedule = learning_rate_schedule(train)
+  graphdef, state, shardings = create_train_state(
+      lambda: task.build_model(nnx.Rngs(train.seed)), tx, mesh=mesh, rules=rules,
+      seed=train.seed, use_ema=bool(train.ema_decay))
+  batches = train_data if train_data is not None else _train_iterator(
+      config, parallel.per_process_batch_size(train.batch_size))
+
+  ckpt = config.checkpoint
+  checkpointer = Checkpointer(workdir / "checkpoints", every=ckpt.every, keep=ckpt.keep,
+                              async_save=ckpt.async_save,
+                              description={"task": config.task, "model": _jsonable(config.get("model"))})
+  if checkpointer.latest_step() is not None:
+    state = checkpointer.restore(state, batches)
+  start = int(state.step)
+
+  batch_sharding = parallel.batch_sharding(mesh, rules)
+  step_fn = jit_train_step(graphdef, task=task, tx=tx, schedule=schedule,
+                           ema_decay=train.ema_decay or None, mesh=mesh,
+                           state_shardings=shardings, batch_sharding=batch_sharding)
+  visualize = _jit_visualize(task, graphdef, mesh, log.grid_images) if log.grid_every else None
+  writer = MetricsWriter(workdir)
+  history: list[dict[str, float]] = []
+  bar = None
+  if log.progress and jax.process_index() == 0:
+    from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
+    bar = tqdm(total=train.steps, initial=start, unit="step", dynamic_ncols=True)
+  last_time, last_step = time.perf_counter(), start
+  try:
+    with jax.set_mesh(mesh):
+      for step in range(start, train.steps):
+        batch = parallel.global_batch(next(batches), batch_sharding)
+        state, metrics = step_fn(state, batch)
+        done = step + 1
+        if bar is not None:
+          bar.update(1)
+        if done % log.every == 0 or done == train.steps:
+          scalars = {k: float(v) for k, v in jax.device_get(metrics).items()}
+          now = time.perf_counter()
+          scalars["steps_per_second"] = (done - last_step) / max(now - last_time, 1e-9)
+          last_time, last_step = now, done
+          history.append({"step": done, **scalars})
+          writer.write(done, scalars)
+          if bar is not None:
+            bar.set_postfix(loss=f"{scalars['loss']:.4f}")
+          if progress_callback is not None:
+            progress_callback(done, scalars)
+        if visualize is not None and (done % log.grid_every == 0 or done == train.steps):
+          images = jax.device_get(visualize(state.params, state.extra, batch))
+          if jax.process_index() == 0:
+            save_grid(workdir / "grids" / f"step_{done:07d}.png", images["inputs"],
+                      images["outputs"])
+        checkpointer.save(done, state, batches, force=done == train.steps)
+  finally:
+    if bar is not None:
+      bar.close()
+    writer.close()
+    checkpointer.close()
+  return TrainResult(state=state, graphdef=graphdef, history=history, workdir=workdir)
+
+
+def _jsonable(value):
+  if value is None:
+    return None
+  if hasattr(value, "to_dict"):
+    value = value.to_dict()
+  if dataclasses.is_dataclass(value):
+    value = dataclasses.asdict(value)
+  return json.loads(json.dumps(value, default=str))
