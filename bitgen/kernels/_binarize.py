@@ -2,8 +2,8 @@
 
 x_hat = s * sign(x) with s = mean|x| and sign(0) = +1 (also for -0.0). Trained with a clipped
 straight-through estimator: d sign(x)/dx := 1 where |x| <= 1, else 0. The scale is NOT detached, so
-d x_hat / dx = s * 1[|x| <= 1] + d|x|/dx / count * sum(g * sign(x)), with d|x|/dx = 0 at x = 0 (what
-jax's `abs` gives, and what torch gives): this is the gradient the official fixture pins.
+d x_hat / dx = s * 1[|x| <= 1] + d|x|/dx / count * sum(g * sign(x)), with d|x|/dx = 0 at x = 0 as in
+torch (jax's `abs` gives 1 there): this is the gradient the official fixture pins.
 
 Packing: `pack_signs` stores sign bits as uint32 words through `bitgen.quantizers.bits.pack_bits`
 with order "lsb" (element d of the head dim is bit d % 32 of word d // 32, so a kernel unpacks with
@@ -15,6 +15,7 @@ from typing import Literal
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 from bitgen.quantizers import bits as bits_lib
 
@@ -50,7 +51,12 @@ def sign_scale(x: jax.Array, scale_mode: ScaleMode) -> jax.Array:
   if scale_mode not in SCALE_MODES:
     raise ValueError(f"scale_mode must be one of {SCALE_MODES}, got {scale_mode!r}")
   axes = (1, 3) if scale_mode == "per_head" else (3,)
-  return jnp.mean(jnp.abs(x.astype(jnp.float32)), axis=axes, keepdims=True)
+  return jnp.mean(_abs_torch_grad(x.astype(jnp.float32)), axis=axes, keepdims=True)
+
+
+def _abs_torch_grad(x: jax.Array) -> jax.Array:
+  """|x| whose derivative is sign(x), 0 at x = 0 (torch's; jax's abs has derivative 1 at 0)."""
+  return x * lax.stop_gradient(jnp.sign(x))
 
 
 def binarize(x: jax.Array, scale_mode: ScaleMode) -> tuple[jax.Array, jax.Array]:
