@@ -29,9 +29,9 @@ _NT = (((1,), (1,)), ((), ()))  # contract the last axis of both operands (both 
 @dataclasses.dataclass(frozen=True)
 class GemvConfig:
   block_n: int = 64
-  block_k: int = 1024  # int8 weights; ternary steps one packing group (16 G values) at a time
+  block_k: int = 1024  # K values a step; for ternary weights 16 x (words a step), dividing 16 G
   num_warps: int = 4
-  num_stages: int = 4
+  num_stages: int = 3
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,7 +58,7 @@ def default_config(m: int, k: int, n: int, ternary: bool) -> GemvConfig | GemmCo
       g = ternary_pack.group_words(k)
       if g < _MIN_DOT_K:
         return f"ternary GEMV needs packing groups of >= {_MIN_DOT_K} words (K a multiple of 512), got K={k}"
-      return GemvConfig(block_n=block_n, block_k=16 * g)
+      return GemvConfig(block_n=block_n, block_k=ternary_pack.VALUES_PER_WORD * min(g, 64))
     block_k = _largest_dividing(k, (1024, 512, 256, 128, 64, 32))
     if block_k is None:
       return f"int8 GEMV needs K a multiple of 32, got K={k}"
@@ -89,19 +89,23 @@ def _gemv_kernel(x_ref, w_ref, xs_ref, ws_ref, o_ref, *, block_k, ternary, scale
   # xs_ref [16], ws_ref [bn], o_ref [16, bn].
   block_n = w_ref.shape[0]
   k = x_ref.shape[1]
-  g = block_k // ternary_pack.VALUES_PER_WORD
+  group = ternary_pack.group_words(k) if ternary else 0
+  words = block_k // ternary_pack.VALUES_PER_WORD  # words a step, dividing the group
 
   def step(t, acc):  # acc [bn, 16] int32: the transposed output block
-    k0 = pl.multiple_of(t * block_k, block_k)
     if not ternary:
+      k0 = pl.multiple_of(t * block_k, block_k)
       w = w_ref[:, pl.ds(k0, block_k)]  # [bn, bk]
       x = x_ref[:, pl.ds(k0, block_k)]  # [16, bk]
       return acc + lax.dot_general(w, x, _NT, preferred_element_type=jnp.int32)
-    words = w_ref[:, pl.ds(pl.multiple_of(t * g, g), g)]  # [bn, G]: one packing group
+    w0 = pl.multiple_of(t * words, words)
+    packed = w_ref[:, pl.ds(w0, words)]  # [bn, words]: words [i, i + words) of group g
+    g, i = w0 // group, w0 % group
     for j in range(ternary_pack.VALUES_PER_WORD):
-      # Plane j: values at K offsets [k0 + j G, k0 + (j + 1) G) of every row, codes minus 1.
-      w_plane = (((words >> (ternary_pack.BITS_PER_VALUE * j)) & 3) - 1).astype(jnp.int8)  # [bn, G]
-      x_plane = x_ref[:, pl.ds(k0 + j * g, g)]  # [16, G]
+      # Plane j holds K offsets 16 G g + G j + [i, i + words) of every row, as codes; minus 1.
+      w_plane = (((packed >> (ternary_pack.BITS_PER_VALUE * j)) & 3) - 1).astype(jnp.int8)
+      x0 = pl.multiple_of(g * (ternary_pack.VALUES_PER_WORD * group) + j * group + i, words)
+      x_plane = x_ref[:, pl.ds(x0, words)]  # [16, words]
       acc = acc + lax.dot_general(w_plane, x_plane, _NT, preferred_element_type=jnp.int32)
     return acc
 

@@ -1,7 +1,8 @@
 """The one constructor for projection layers, behind a `kind` switch.
 
 Every model builds its Linear layers through `linear(...)`, so a config can swap the
-implementation (`"dense"`; quantized kinds join here) without touching model code.
+implementation (`"dense"`, or the quantization-aware `"bitnet"` (ternary b1.58) and `"int8"`
+of `bitgen.nn.bitlinear`) without touching model code.
 Kernels carry logical axis names (see `bitgen.parallel`) so they shard by the config's rules.
 """
 
@@ -9,9 +10,10 @@ from typing import Literal
 
 from flax import nnx
 
+from bitgen.nn.bitlinear import BitLinear
 from bitgen.parallel.axes import with_axes
 
-LinearKind = Literal["dense"]
+LinearKind = Literal["dense", "bitnet", "int8"]
 
 
 def linear(
@@ -29,5 +31,10 @@ def linear(
   if kind == "dense":
     return nnx.Linear(
         in_features, out_features, use_bias=use_bias, rngs=rngs,
+        kernel_init=with_axes(kernel_init, axes), bias_init=with_axes(bias_init, axes[1:]))
+  if kind in ("bitnet", "int8"):  # quantization-aware training; `.pack()` gives the inference form
+    return BitLinear(
+        in_features, out_features, rngs=rngs, use_bias=use_bias,
+        weight_quant="ternary_mean" if kind == "bitnet" else "int8",
         kernel_init=with_axes(kernel_init, axes), bias_init=with_axes(bias_init, axes[1:]))
   raise ValueError(f"unknown linear kind {kind!r}; expected one of {LinearKind.__args__}")

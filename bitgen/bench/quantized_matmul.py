@@ -1,0 +1,197 @@
+"""Benchmark: `quantized_matmul` (int8 and packed ternary weights) against XLA baselines.
+
+    python -m bitgen.bench.quantized_matmul [--quick] [--sweep]
+
+Rows per shape (M, K, N), all computing x[M, K] @ w[N, K]^T:
+- xla_bf16: bf16 x bf16 dot;  xla_int8: int8 x int8 -> int32 dot (`preferred_element_type`) + scales;
+- xla_dequant: int8 weights dequantized to bf16 in the graph, then a bf16 dot;
+- xla_ternary_unpack: packed ternary unpacked to int8 in the graph, then the int8 dot;
+- ours_int8 / ours_ternary: `quantized_matmul(..., implementation="auto")` on pre-quantized int8 x;
+- qwix_int8: qwix's int8 dot, where qwix is installed.
+Timing: one jit runs the op over R distinct weight copies (so the weights come from HBM, not L2);
+the time per call is the slope between R = R0 and R = R1 runs (launch and sync costs cancel), the
+median of several trials. Before timing, every kernel is checked exact against the reference.
+Needs only jax (no tfds/grain/ml_collections).
+"""
+
+import argparse
+import datetime
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from bitgen.kernels import ternary_pack
+from bitgen.kernels.quantized_matmul import quantized_matmul, quantized_matmul_reference
+
+_NT = (((1,), (1,)), ((), ()))
+WIDTH, MLP_RATIO = 2048, 4  # Infinity-2B
+
+
+def _infinity_layers(m: int):
+  w, h = WIDTH, WIDTH * MLP_RATIO
+  return [(f"inf2b qkv M={m}", m, w, 3 * w), (f"inf2b proj M={m}", m, w, w),
+          (f"inf2b fc1 M={m}", m, w, h), (f"inf2b fc2 M={m}", m, h, w)]
+
+
+def _time_per_call(fn, x, weights, trials: int) -> float:
+  """Seconds per call of fn(x, w): slope of the time of one jit over few vs many weight copies."""
+  def many(x, ws):
+    return [fn(x, w) for w in ws]
+  r0, r1 = 2, len(weights)
+  jitted = jax.jit(many)
+  times = {}
+  for r in (r0, r1):
+    ws = weights[:r]
+    jax.block_until_ready(jitted(x, ws))  # compile + warm up
+    samples = []
+    for _ in range(trials):
+      start = time.perf_counter()
+      jax.block_until_ready(jitted(x, ws))
+      samples.append(time.perf_counter() - start)
+    times[r] = statistics.median(samples)
+  return (times[r1] - times[r0]) / (r1 - r0)
+
+
+def _implementations(m, k, n, scales, implementation):
+  """label -> (fn(x, w), weight kind, activation kind)."""
+  x_scale, w_scale = scales
+
+  def scale(acc):
+    return (acc.astype(jnp.float32) * x_scale[:, None] * w_scale[None, :]).astype(jnp.bfloat16)
+
+  def xla_int8(x, w):
+    return scale(jax.lax.dot_general(x, w, _NT, preferred_element_type=jnp.int32))
+
+  def ours(x, w):
+    return quantized_matmul(x, w, scales, implementation=implementation)
+
+  rows = {
+      "xla_bf16": (lambda x, w: jax.lax.dot_general(x, w, _NT), "bf16", "bf16"),
+      "xla_int8": (xla_int8, "int8", "int8"),
+      "xla_dequant": (lambda x, w: jax.lax.dot_general(
+          x, (w.astype(jnp.float32) * w_scale[:, None]).astype(jnp.bfloat16), _NT), "int8", "bf16"),
+      "xla_ternary_unpack": (lambda x, w: xla_int8(x, ternary_pack.unpack_ternary(w)), "ternary", "int8"),
+      "ours_int8": (ours, "int8", "int8"),
+      "ours_ternary": (ours, "ternary", "int8"),
+  }
+  try:
+    import qwix  # optional baseline: the same int8 scheme (per-token x, per-channel w scales)
+    rows["qwix_int8"] = (lambda x, w: qwix.dot_general(x, w, _NT), "qwix", "qwix")
+  except ImportError:
+    print("qwix not installed: no qwix row")
+  return rows
+
+
+def _operand(kind, shape, key):
+  """Random operand of a kind: bf16, int8, ternary (packed), qwix (int8 QArray, per-row scales)."""
+  if kind == "bf16":
+    return jax.random.normal(key, shape, jnp.bfloat16)
+  if kind == "qwix":
+    import qwix
+    return qwix.quantize(jax.random.normal(key, shape, jnp.float32), jnp.int8, channelwise_axes=(0,))
+  if kind == "ternary":
+    return ternary_pack.pack_ternary(jax.random.randint(key, shape, -1, 2, jnp.int8))
+  return jax.random.randint(key, shape, -127, 128, jnp.int8)
+
+
+def _weights(kind, n, k, copies, key):
+  return [_operand(kind, (n, k), kk) for kk in jax.random.split(key, copies)]
+
+
+def _check(m, k, n, key, implementation):
+  """Exact int32 agreement of our implementation with the reference, on fresh data."""
+  kx, kw = jax.random.split(key)
+  x = jax.random.randint(kx, (m, k), -127, 128, jnp.int8)
+  for w in (jax.random.randint(kw, (n, k), -127, 128, jnp.int8),
+            ternary_pack.pack_ternary(jax.random.randint(kw, (n, k), -1, 2, jnp.int8))):
+    ours = jax.jit(lambda x, w: quantized_matmul(x, w, implementation=implementation))(x, w)
+    ref = jax.jit(quantized_matmul_reference)(x, w)
+    if not bool(jnp.array_equal(ours, ref)):
+      raise AssertionError(f"quantized_matmul differs from the reference at {(m, k, n)}, {w.dtype}")
+
+
+def run(shapes, trials: int, copies: int, implementation: str = "auto"):
+  key = jax.random.key(0)
+  results = []
+  for name, m, k, n in shapes:
+    key, kx, kw, kc = jax.random.split(key, 4)
+    _check(m, k, n, kc, implementation)
+    scales = (jnp.ones((m,), jnp.float32) / 127, jnp.ones((n,), jnp.float32) / 127)
+    # Enough copies that they overflow L2 (50 MB), at most ~8 GiB of weights.
+    copies_here = max(4, min(copies, (8 << 30) // (2 * n * k)))
+    weight_sets = {}
+    for label, (fn, w_kind, x_kind) in _implementations(m, k, n, scales, implementation).items():
+      if w_kind not in weight_sets:
+        weight_sets[w_kind] = _weights(w_kind, n, k, copies_here, kw)
+      seconds = _time_per_call(fn, _operand(x_kind, (m, k), kx), weight_sets[w_kind], trials)
+      ops = 2 * m * k * n
+      results.append((name, m, k, n, label, seconds * 1e6, ops / seconds / 1e12))
+      print(f"{name:24s} {label:20s} {seconds * 1e6:10.1f} us {ops / seconds / 1e12:8.1f} TOP/s", flush=True)
+    del weight_sets
+  return results
+
+
+def sweep(trials: int, copies: int):
+  """Times our GPU kernels over candidate block configs at the headline shapes."""
+  from bitgen.kernels import quantized_matmul_gpu as gpu
+  gemv = [gpu.GemvConfig(block_n=bn, block_k=bk, num_warps=nw, num_stages=ns)
+          for bn, bk, nw, ns in [(16, 1024, 2, 3), (32, 1024, 4, 3), (32, 512, 4, 4), (64, 512, 4, 3),
+                                 (64, 1024, 4, 3), (64, 1024, 8, 2), (128, 512, 4, 3), (128, 1024, 8, 2)]]
+  gemm = [gpu.GemmConfig(block_m=bm, block_n=bn, block_k=bk, num_warps=nw, num_stages=ns)
+          for bm, bn, bk, nw, ns in [(128, 256, 128, 8, 3), (128, 256, 64, 8, 4), (128, 128, 128, 4, 4),
+                                     (256, 128, 128, 8, 3), (128, 256, 128, 8, 4), (64, 256, 128, 4, 4)]]
+  key = jax.random.key(1)
+  results = []
+  for (m, k, n), configs, kinds in [((8, 8192, 8192), gemv, ("ternary", "int8")),
+                                    ((8192, 8192, 8192), gemm, ("int8",))]:
+    x = _operand("int8", (m, k), key)
+    x_scale, w_scale = jnp.ones((m,), jnp.float32), jnp.ones((n,), jnp.float32)
+    for kind in kinds:
+      weights = _weights(kind, n, k, max(4, min(copies, (8 << 30) // (2 * n * k))), key)
+      for config in configs:
+        fn = lambda x, w, c=config: gpu.matmul(x, w, x_scale, w_scale, out_dtype=jnp.bfloat16, config=c)
+        try:
+          seconds = _time_per_call(fn, x, weights, trials)
+        except Exception as e:  # a config the compiler rejects (e.g. too much shared memory)
+          print(f"sweep {kind} {config}: failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
+          continue
+        results.append((f"sweep {kind}", m, k, n, str(config), seconds * 1e6, 2 * m * k * n / seconds / 1e12))
+        print(f"sweep {kind:8s} {config}: {seconds * 1e6:.1f} us", flush=True)
+      del weights
+  return results
+
+
+def markdown(results) -> str:
+  device = jax.devices()[0].device_kind
+  lines = [f"Device: {device}; jax {jax.__version__}; {datetime.date.today().isoformat()}", "",
+           "| shape | M | K | N | implementation | time (us) | TOP/s |", "|---|---|---|---|---|---|---|"]
+  for name, m, k, n, label, us, tops in results:
+    lines.append(f"| {name} | {m} | {k} | {n} | {label} | {us:.1f} | {tops:.1f} |")
+  return "\n".join(lines)
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--quick", action="store_true", help="small shapes (a smoke run, e.g. on CPU)")
+  parser.add_argument("--trials", type=int, default=5)
+  parser.add_argument("--copies", type=int, default=24)
+  parser.add_argument("--sweep", action="store_true", help="also time candidate GPU block configs")
+  args = parser.parse_args(argv)
+  if args.quick:
+    shapes = [("gemv", 8, 2048, 1024), ("gemm", 256, 512, 512)]
+  else:
+    shapes = ([("gemv M=8", 8, 8192, 8192), ("gemm 8192^3", 8192, 8192, 8192)]
+              + _infinity_layers(8) + _infinity_layers(4096))
+  backend = jax.default_backend()
+  implementation = backend if backend in ("gpu", "tpu") else "auto"  # a kernel, never a silent fallback
+  results = sweep(args.trials, args.copies) if args.sweep else []
+  results += run(shapes, args.trials, args.copies, implementation)
+  print()
+  print(markdown(results))
+
+
+if __name__ == "__main__":
+  main()
