@@ -90,8 +90,9 @@ def _open(config: DataConfig, split: str) -> sources.ImageSplit:
     raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
   tfds_split = config.train_split if split == "train" else (
       config.eval_split or sources.default_eval_split(config.name, config.data_dir))
+  short_side = config.short_side or (None if config.is_embedded else config.image_size)
   return sources.open_split(config.name, tfds_split, data_dir=config.data_dir,
-                            crop_size=config.image_size, short_side=config.short_side)
+                            crop_size=config.image_size, short_side=short_side)
 
 
 def _eval_grid(config: DataConfig) -> int:

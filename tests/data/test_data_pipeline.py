@@ -3,6 +3,7 @@
 The dataset is built once per session into a temporary data dir, with sockets disabled.
 """
 
+import io
 import os
 import pathlib
 import socket
@@ -13,11 +14,13 @@ import grain
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
+import PIL.Image
 import pytest
 import tensorflow_datasets as tfds
 
 from bitgen import data
 from bitgen.data import embedded_photos
+from bitgen.data import transforms
 
 SIZE = 16
 
@@ -247,3 +250,46 @@ def test_concurrent_builds_share_one_dataset(tmp_path):
     assert proc.returncode == 0, err[-2000:]
     assert out.split()[-1] == str(len(embedded_photos.TRAIN_PHOTOS))
   assert len(list((tmp_path / "embedded_photos").glob("*/embedded_photos-train.array_record-*"))) == 1
+
+
+# --- a standard TFDS dataset by name ---------------------------------------------------------------
+
+class BitgenTestGrayImages(tfds.core.GeneratorBasedBuilder):
+  """A small labelled grayscale TFDS dataset with a validation split, images of varied sizes."""
+
+  VERSION = tfds.core.Version("1.0.0")
+  code_path = None  # see EmbeddedPhotos.code_path
+
+  def _info(self):
+    return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+        "image": tfds.features.Image(shape=(None, None, 1)),
+        "label": tfds.features.ClassLabel(num_classes=5)}))
+
+  def _split_generators(self, dl_manager):
+    return {"train": self._generate_examples(0, 6), "validation": self._generate_examples(6, 3)}
+
+  def _generate_examples(self, start, count):
+    rng = np.random.default_rng(start)
+    for i in range(start, start + count):
+      image = rng.integers(0, 256, (20 + 3 * i, 40 - 2 * i), dtype=np.uint8)
+      buffer = io.BytesIO()
+      PIL.Image.fromarray(image).save(buffer, format="png")
+      yield i, {"image": buffer.getvalue(), "label": i % 5}
+
+
+def test_standard_tfds_dataset_by_name(tmp_path):
+  BitgenTestGrayImages(data_dir=os.fspath(tmp_path), file_format="array_record").download_and_prepare(
+      download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+  config = {"name": "bitgen_test_gray_images", "image_size": 12, "data_dir": os.fspath(tmp_path)}
+  assert data.num_classes(config) == 5
+  train = _batches(config, 2, batch_size=4)[0]
+  assert train["image"].shape == (4, 12, 12, 3) and train["image"].dtype == np.float32
+  np.testing.assert_array_equal(train["image"][..., 0], train["image"][..., 2])  # gray -> RGB
+  # Evaluation defaults to the validation split: each image resized to a 12 px short side, centre crop.
+  grid = data.eval_images(config)
+  source = tfds.data_source("bitgen_test_gray_images", split="validation", data_dir=os.fspath(tmp_path))
+  assert grid["image"].shape == (len(source), 12, 12, 3)
+  for i in range(len(source)):
+    gray = transforms.resize_short_side(np.repeat(source[i]["image"], 3, axis=-1), 12)
+    np.testing.assert_array_equal(grid["image"][i], transforms.to_model_range(transforms.center_crop(gray, 12)))
+    assert grid["label"][i] == source[i]["label"]
