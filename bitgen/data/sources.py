@@ -108,6 +108,8 @@ def open_split(name: str, split: str, *, data_dir: str | os.PathLike | None, cro
   num_classes = labels.num_classes if isinstance(labels, tfds.features.ClassLabel) else 1
   image_split = ImageSplit(name, split, builder.as_data_source(split=split), crop_size, short_side,
                            num_classes)
+  if not len(image_split):
+    raise ValueError(f"split {split!r} of dataset {name!r} under {root} has no examples")
   if name == embedded_photos.NAME:  # a handful of photos: decode once, keep in memory, in label order
     photos = sorted((image_split[i] for i in range(len(image_split))), key=lambda photo: photo[1])
     image_split = dataclasses.replace(image_split, records=[
