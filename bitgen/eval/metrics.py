@@ -19,17 +19,17 @@ def psnr_ssim(originals: jax.Array, reconstructions: jax.Array) -> tuple[jax.Arr
   return dm_pix.psnr(a, b), dm_pix.ssim(a, b)
 
 
-def code_statistics(codes: np.ndarray, levels: int = 2) -> dict[str, float | list[float]]:
-  """Statistics of integer codes [N, D] with digits in [0, levels).
+def code_statistics(codes: np.ndarray, codebook_size: float) -> dict[str, float | list[float]]:
+  """Statistics of integer codes [..., D] (one non-negative digit per channel).
 
   per_dim_entropy: empirical entropy (bits) of each channel's digit (for binary codes, per-bit entropy);
-  unique_codes: distinct code vectors seen; code_usage: unique_codes / min(N, levels**D).
+  unique_codes: distinct code vectors seen; code_usage: unique_codes / min(number of codes, codebook_size).
   """
   codes = np.asarray(codes).reshape(-1, np.shape(codes)[-1]).astype(np.int64)
   num, dims = codes.shape
   entropy = []
   for d in range(dims):
-    p = np.bincount(codes[:, d], minlength=levels) / num
+    p = np.bincount(codes[:, d]) / num
     p = p[p > 0]
     entropy.append(float(-(p * np.log2(p)).sum()))
   unique = len(np.unique(codes, axis=0))
@@ -37,5 +37,5 @@ def code_statistics(codes: np.ndarray, levels: int = 2) -> dict[str, float | lis
       "per_dim_entropy": entropy,
       "mean_dim_entropy": float(np.mean(entropy)),
       "unique_codes": unique,
-      "code_usage": unique / min(num, float(levels) ** dims),
+      "code_usage": unique / min(num, codebook_size),
   }
