@@ -18,8 +18,8 @@ your own" with seg = scale index); or a boolean array broadcastable to [B, N, T,
 implementation: "auto" runs the Pallas kernel of the backend it runs on (GPU: Mosaic GPU, TPU:
 Mosaic TPU) and the reference elsewhere, or where the kernel cannot take the inputs (logged, never
 wrong numbers); "reference" always the reference; "pallas_tpu" / "pallas_gpu" force a kernel (an
-unsupported input raises) and run it in the Pallas interpreter when the backend is not theirs
-(that is how CPU tests check the kernels' numerics).
+unsupported input raises); "pallas_tpu" off a TPU runs in the Pallas TPU interpreter (how CPU
+tests check its numerics), "pallas_gpu" needs a CUDA GPU (Hopper: wgmma).
 """
 
 import dataclasses
@@ -174,7 +174,7 @@ def _pick_kernel(implementation, q, k, v, bias, mask: _Mask):
     raise ValueError(f"binary_attention implementation={name!r} cannot take these inputs: {reason}")
   if name == "pallas_tpu":
     return functools.partial(_tpu_forward, interpret=backend != "tpu")
-  return functools.partial(_gpu_forward, interpret=backend not in ("gpu", "cuda"))
+  return _gpu_forward
 
 
 def _unsupported_reason(name, q, k, v, bias, mask: _Mask) -> str | None:
@@ -186,6 +186,8 @@ def _unsupported_reason(name, q, k, v, bias, mask: _Mask) -> str | None:
   if mask.dense is not None:
     return "a dense boolean mask (kernels take None, 'causal' or segment ids)"
   if name == "pallas_gpu":
+    if jax.default_backend() not in ("gpu", "cuda"):
+      return "the Mosaic GPU kernel needs a CUDA GPU (no interpreter for it here)"
     return _gpu_unsupported_reason(q, k, v, mask)
   return None
 
@@ -350,12 +352,189 @@ def _tpu_forward(q_sign, q_scale, k_sign, k_scale, v, segments, *, causal,
 
 
 # ----------------------------------------------------------------------------------------------
-# GPU kernel (Mosaic GPU, Hopper): see the section below.
+# GPU kernel (Mosaic GPU, Hopper): warp-specialised flash attention with int8 +-1 scores.
+#
+# One CTA takes 2 * block_q queries of one (batch, head): warpgroups 0 and 1 compute (block_q rows
+# each), warpgroup 2 streams K (int8), V and the key scales into a ring of `max_concurrent_steps`
+# shared-memory slots with the bulk-copy engine. Per key block a compute warpgroup runs
+#   1. S = sign(q) sign(k)^T on the tensor cores, s8 x s8 -> s32 (exact, twice the bf16 rate),
+#   2. logits * log2(e) = S * s_k[j] * (s_q[i] log2(e) / sqrt(H)) (a rank-1 factor), causal mask,
+#   3. the online softmax in f32 with exp2, P in V's dtype, O += P V on the tensor cores.
+
+
+@dataclasses.dataclass(frozen=True)
+class GpuTuning:
+  block_q: int = 64
+  block_kv: int = 64
+  max_concurrent_steps: int = 2
+
+
+GPU_TUNING = GpuTuning()
 
 
 def _gpu_unsupported_reason(q, k, v, mask: _Mask) -> str | None:
-  return "the Mosaic GPU kernel is not written yet"
+  batch, q_len, heads, head_dim = q.shape
+  kv_len = k.shape[1]
+  t = GPU_TUNING
+  if v.dtype not in (jnp.bfloat16, jnp.float16):
+    return f"V dtype {v.dtype} (the GPU kernel multiplies P V in bf16/f16; f32 takes the reference)"
+  if mask.q_segments is not None and not mask.causal:
+    return "segment ids (the GPU kernel takes None or 'causal')"
+  if q_len % (2 * t.block_q) or kv_len % t.block_kv:
+    return (f"lengths T={q_len}, S={kv_len} must be multiples of {2 * t.block_q} and "
+            f"{t.block_kv}")
+  if kv_len < t.max_concurrent_steps * t.block_kv:
+    return f"S={kv_len} shorter than {t.max_concurrent_steps} key blocks"
+  return None
 
 
-def _gpu_forward(*args, **kwargs):
-  raise NotImplementedError
+def _smem_transforms(dtype, head_dim):
+  from jax.experimental.pallas import mosaic_gpu as plgpu
+  row_bytes = head_dim * jnp.dtype(dtype).itemsize
+  swizzle = min(128, row_bytes)
+  return (plgpu.TilingTransform((8, swizzle // jnp.dtype(dtype).itemsize)),
+          plgpu.SwizzleTransform(swizzle))
+
+
+def _gpu_forward(q_sign, q_scale, k_sign, k_scale, v, segments, *, causal,
+                 tuning: GpuTuning = GPU_TUNING):
+  from jax.experimental import pallas as pl
+  from jax.experimental.pallas import mosaic_gpu as plgpu
+
+  del segments  # only causal (= arange segments) reaches this kernel.
+  batch, q_len, heads, head_dim = q_sign.shape
+  kv_len = k_sign.shape[1]
+  block_q, block_kv, steps = tuning.block_q, tuning.block_kv, tuning.max_concurrent_steps
+  dtype = v.dtype
+  row, col = _kernel_factors(q_scale, k_scale, batch, q_len, kv_len, heads, head_dim)
+  row = row * math.log2(math.e)  # [B, N, T]
+  q_i8, k_i8 = q_sign.astype(jnp.int8), k_sign.astype(jnp.int8)
+  num_kv_blocks = kv_len // block_kv
+
+  def kernel(q_ref, k_ref, v_ref, row_ref, col_ref, out_ref, scoped):
+    b, n, tile = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("q_seq")
+    wg = lax.axis_index("wg")
+    (q_smem2, o_smem2, row_smem2, k_smem, v_smem, col_smem), barriers = scoped
+    q_barriers, k_barriers, v_barriers, col_barriers, k_consumed, v_consumed = barriers
+    if causal:
+      max_kv_steps = pl.cdiv((tile + 1) * (2 * block_q), jnp.array(block_kv, jnp.int32))
+    else:
+      max_kv_steps = num_kv_blocks
+
+    @pl.when(wg < 2)
+    def _compute():
+      plgpu.set_max_registers(232, action="increase")
+      q_smem, o_smem, row_smem = q_smem2.at[wg], o_smem2.at[wg], row_smem2.at[wg]
+      q_base = tile * (2 * block_q) + wg * block_q
+      plgpu.copy_gmem_to_smem(q_ref.at[b, pl.ds(q_base, block_q), n], q_smem, q_barriers.at[wg])
+      plgpu.copy_gmem_to_smem(row_ref.at[b, n, pl.ds(q_base, block_q)], row_smem,
+                              q_barriers.at[2 + wg])
+      plgpu.barrier_wait(q_barriers.at[wg])
+      plgpu.barrier_wait(q_barriers.at[2 + wg])
+      row_factor = plgpu.load(row_smem, layout=plgpu.Layout.WGMMA.reduce(1))
+      m_i = plgpu.layout_cast(jnp.full((block_q,), -jnp.inf, jnp.float32),
+                              plgpu.Layout.WGMMA.reduce(1))
+      l_i = plgpu.layout_cast(jnp.full((block_q,), 0, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
+      acc = plgpu.layout_cast(jnp.full((block_q, head_dim), 0, jnp.float32), plgpu.Layout.WGMMA)
+      kv_steps = (pl.cdiv(q_base + block_q, jnp.array(block_kv, jnp.int32)) if causal
+                  else max_kv_steps)
+
+      def kv_step(step, carry, masked=False):
+        acc, m_i, l_i = carry
+        slot = lax.rem(step, jnp.array(steps, step.dtype))
+        plgpu.barrier_wait(k_barriers.at[slot])
+        plgpu.barrier_wait(col_barriers.at[slot])
+
+        def scores(acc_ref):  # 1. [block_q, block_kv] int32
+          plgpu.wgmma(acc_ref, q_smem, k_smem.at[slot].transpose((1, 0)))
+          return acc_ref[...]
+        dots = pl.run_scoped(scores, plgpu.ACC((block_q, block_kv), jnp.int32))
+        col_factor = plgpu.load(col_smem.at[slot], layout=plgpu.Layout.WGMMA.reduce(0))
+        plgpu.barrier_arrive(k_consumed.at[slot])
+        # 2. logits * log2(e) = dots * col_factor[j] * row_factor[i], then the causal mask.
+        s = (dots.astype(jnp.float32) * lax.broadcast_in_dim(col_factor, dots.shape, [1])
+             * lax.broadcast_in_dim(row_factor, dots.shape, [0]))
+        if masked:
+          q_ids = plgpu.broadcasted_iota(jnp.int32, dots.shape, 0, layout=plgpu.Layout.WGMMA)
+          kv_ids = plgpu.broadcasted_iota(jnp.int32, dots.shape, 1, layout=plgpu.Layout.WGMMA)
+          s = jnp.where(q_ids + q_base >= kv_ids + step * block_kv, s, -jnp.inf)
+        # 3. Online softmax (base 2) and O += P V.
+        m_new = jnp.maximum(m_i, s.max(axis=1))
+        alpha = jnp.exp2(m_i - m_new)
+        p = jnp.exp2(s - lax.broadcast_in_dim(m_new, s.shape, [0]))
+        l_i = l_i * alpha + p.sum(axis=1)
+        acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+        plgpu.barrier_wait(v_barriers.at[slot])
+
+        def pv(acc_ref):
+          plgpu.wgmma(acc_ref, p.astype(dtype), v_smem.at[slot])
+        acc = pl.run_state(pv)(plgpu.ACC.init(acc))
+        plgpu.barrier_arrive(v_consumed.at[slot])
+        return acc, m_new, l_i
+
+      carry = (acc, m_i, l_i)
+      if causal:
+        full_steps = lax.div(q_base, jnp.array(block_kv, jnp.int32))
+        carry = lax.fori_loop(0, full_steps, kv_step, carry)
+        carry = lax.fori_loop(full_steps, kv_steps, functools.partial(kv_step, masked=True), carry)
+
+        @pl.loop(kv_steps, max_kv_steps)
+        def _release(step):  # slots loaded for the other warpgroup's longer range
+          slot = lax.rem(step, jnp.array(steps, step.dtype))
+          plgpu.barrier_arrive(k_consumed.at[slot])
+          plgpu.barrier_arrive(v_consumed.at[slot])
+      else:
+        carry = lax.fori_loop(0, kv_steps, kv_step, carry)
+      acc, m_i, l_i = carry
+      acc = acc / lax.broadcast_in_dim(l_i, acc.shape, [0])
+      o_smem[...] = acc.astype(dtype)
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(o_smem, out_ref.at[b, pl.ds(q_base, block_q), n])
+      plgpu.wait_smem_to_gmem(0)
+
+    @pl.when(wg == 2)
+    def _memory():
+      plgpu.set_max_registers(40, action="decrease")
+
+      def load(step, slot):
+        kv = (b, pl.ds(step * block_kv, block_kv), n)
+        plgpu.copy_gmem_to_smem(k_ref.at[kv], k_smem.at[slot], k_barriers.at[slot])
+        plgpu.copy_gmem_to_smem(col_ref.at[b, n, pl.ds(step * block_kv, block_kv)],
+                                col_smem.at[slot], col_barriers.at[slot])
+        plgpu.copy_gmem_to_smem(v_ref.at[kv], v_smem.at[slot], v_barriers.at[slot])
+
+      for i in range(steps):
+        load(i, i)
+
+      @pl.loop(0, max_kv_steps - steps)
+      def _stream(step):
+        slot = lax.rem(step, jnp.array(steps, step.dtype))
+        plgpu.barrier_wait(k_consumed.at[slot])
+        plgpu.barrier_wait(v_consumed.at[slot])
+        load(step + steps, slot)
+
+  def entry(q_ref, k_ref, v_ref, row_ref, col_ref, out_ref):
+    i8_tf, v_tf = _smem_transforms(jnp.int8, head_dim), _smem_transforms(dtype, head_dim)
+    smem = (plgpu.SMEM((2, block_q, head_dim), jnp.int8, transforms=i8_tf),
+            plgpu.SMEM((2, block_q, head_dim), dtype, transforms=v_tf),
+            plgpu.SMEM((2, block_q), jnp.float32),
+            plgpu.SMEM((steps, block_kv, head_dim), jnp.int8, transforms=i8_tf),
+            plgpu.SMEM((steps, block_kv, head_dim), dtype, transforms=v_tf),
+            plgpu.SMEM((steps, block_kv), jnp.float32))
+    barriers = (plgpu.Barrier(num_barriers=4),
+                *(plgpu.Barrier(num_barriers=steps) for _ in range(3)),
+                *(plgpu.Barrier(num_arrivals=2, num_barriers=steps) for _ in range(2)))
+    pl.run_scoped(lambda *scoped: kernel(q_ref, k_ref, v_ref, row_ref, col_ref, out_ref,
+                                         (scoped[:6], scoped[6:])),
+                  *smem, *barriers, collective_axes="wg")
+
+  out = plgpu.kernel(
+      entry,
+      out_type=jax.ShapeDtypeStruct((batch, q_len, heads, head_dim), dtype),
+      grid=(heads, q_len // (2 * block_q), batch),
+      grid_names=("heads", "q_seq", "batch"),
+      num_threads=3,
+      thread_name="wg",
+      compiler_params=plgpu.CompilerParams(approx_math=True),
+  )(q_i8, k_i8, v, row, col)
+  return out
