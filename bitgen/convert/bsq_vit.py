@@ -36,7 +36,7 @@ Path = tuple[str | int, ...]
 
 
 @dataclasses.dataclass(frozen=True)
-class _Slot:
+class Slot:
   """Where one of our parameters lives in the official state dict."""
 
   official: str
@@ -46,22 +46,22 @@ class _Slot:
   parts: int = 1
 
 
-def _linear(official: str, ours: Path, *, bias: bool = True) -> list[_Slot]:
-  slots = [_Slot(f"{official}.weight", (*ours, "kernel"), transpose=True)]
-  return slots + ([_Slot(f"{official}.bias", (*ours, "bias"))] if bias else [])
+def _linear(official: str, ours: Path, *, bias: bool = True) -> list[Slot]:
+  slots = [Slot(f"{official}.weight", (*ours, "kernel"), transpose=True)]
+  return slots + ([Slot(f"{official}.bias", (*ours, "bias"))] if bias else [])
 
 
-def _norm(official: str, ours: Path) -> list[_Slot]:
-  return [_Slot(f"{official}.weight", (*ours, "scale")), _Slot(f"{official}.bias", (*ours, "bias"))]
+def _norm(official: str, ours: Path) -> list[Slot]:
+  return [Slot(f"{official}.weight", (*ours, "scale")), Slot(f"{official}.bias", (*ours, "bias"))]
 
 
-def _transformer(official: str, ours: Path, depth: int) -> list[_Slot]:
+def _transformer(official: str, ours: Path, depth: int) -> list[Slot]:
   slots = []
   for i in range(depth):
     src, dst = f"{official}.resblocks.{i}", (*ours, "blocks", i)
     for part, name in enumerate(("query", "key", "value")):
-      slots += [_Slot(f"{src}.attn.in_proj_weight", (*dst, "attn", name, "kernel"), True, part, 3),
-                _Slot(f"{src}.attn.in_proj_bias", (*dst, "attn", name, "bias"), False, part, 3)]
+      slots += [Slot(f"{src}.attn.in_proj_weight", (*dst, "attn", name, "kernel"), True, part, 3),
+                Slot(f"{src}.attn.in_proj_bias", (*dst, "attn", name, "bias"), False, part, 3)]
     slots += _linear(f"{src}.attn.out_proj", (*dst, "attn", "out"))
     slots += _norm(f"{src}.ln_1", (*dst, "ln_1")) + _norm(f"{src}.ln_2", (*dst, "ln_2"))
     slots += _linear(f"{src}.mlp.c_fc", (*dst, "mlp", "up"))
@@ -69,16 +69,16 @@ def _transformer(official: str, ours: Path, depth: int) -> list[_Slot]:
   return slots
 
 
-def param_slots(config: Config) -> list[_Slot]:
+def param_slots(config: Config) -> list[Slot]:
   """Every parameter of `BSQViT(config)` and its source in the official state dict."""
-  slots = [_Slot("encoder.positional_embedding", ("encoder", "position_embedding"))]
+  slots = [Slot("encoder.positional_embedding", ("encoder", "position_embedding"))]
   slots += _linear("encoder.conv1", ("encoder", "patch_embed"), bias=False)
   slots += _norm("encoder.ln_pre", ("encoder", "ln_pre"))
   slots += _transformer("encoder.transformer", ("encoder", "transformer"), config.depth)
   slots += _norm("encoder.ln_post", ("encoder", "ln_post"))
   slots += _linear("quant_embed", ("quant_embed",))
   slots += _linear("post_quant_embed", ("post_quant_embed",))
-  slots += [_Slot("decoder.positional_embedding", ("decoder", "position_embedding"))]
+  slots += [Slot("decoder.positional_embedding", ("decoder", "position_embedding"))]
   slots += _norm("decoder.ln_pre", ("decoder", "ln_pre"))
   slots += _transformer("decoder.transformer", ("decoder", "transformer"), config.depth)
   slots += _norm("decoder.ln_post", ("decoder", "ln_post"))
@@ -92,7 +92,7 @@ def param_slots(config: Config) -> list[_Slot]:
 QUANTIZER_BUFFERS = ("quantize.basis", "quantize.group_basis", "quantize.group_codebook")
 
 
-def _official_shape(slot_shapes: list[tuple[_Slot, tuple[int, ...]]]) -> tuple[int, ...]:
+def _official_shape(slot_shapes: list[tuple[Slot, tuple[int, ...]]]) -> tuple[int, ...]:
   slot, shape = slot_shapes[0]
   shape = shape[::-1] if slot.transpose else shape
   return (shape[0] * slot.parts, *shape[1:])
@@ -105,7 +105,7 @@ def convert_state_dict(state_dict: Mapping[str, np.ndarray], model: BSQViT) -> n
   slots = param_slots(config)
   if set(ours) != {s.ours for s in slots}:  # the name map and the model must describe the same tree
     raise AssertionError(f"BSQ-ViT name map out of date: {sorted(set(ours) ^ {s.ours for s in slots})}")
-  by_key: dict[str, list[tuple[_Slot, tuple[int, ...]]]] = {}
+  by_key: dict[str, list[tuple[Slot, tuple[int, ...]]]] = {}
   for slot in slots:
     by_key.setdefault(slot.official, []).append((slot, tuple(ours[slot.ours].shape)))
 
@@ -141,20 +141,23 @@ def convert_state_dict(state_dict: Mapping[str, np.ndarray], model: BSQViT) -> n
     if slot.transpose:
       array = array.T
     flat[slot.ours] = jnp.asarray(array, dtype=ours[slot.ours].dtype)
-  return nnx.State.from_flat_path(flat)
+  return nnx.from_flat_state(flat)
+
+
+def state_to_official(state: nnx.State, config: Config) -> dict[str, np.ndarray]:
+  """A State shaped like `BSQViT(config)`'s parameters (weights, or their gradients) -> official
+  names and layouts (the inverse of `convert_state_dict`, without the quantizer buffers)."""
+  ours = {path: np.asarray(var[...] if isinstance(var, nnx.Variable) else var)
+          for path, var in nnx.to_flat_state(state)}
+  pieces: dict[str, list[np.ndarray]] = {}
+  for slot in param_slots(config):
+    pieces.setdefault(slot.official, []).append(ours[slot.ours].T if slot.transpose else ours[slot.ours])
+  return {k: np.concatenate(v, axis=0) if len(v) > 1 else v[0] for k, v in pieces.items()}
 
 
 def export_state_dict(model: BSQViT) -> dict[str, np.ndarray]:
-  """Our parameters -> the official state dict (the inverse of `convert_state_dict`).
-
-  Quantizer buffers are written where the quantizer is BSQ (`quantize.basis`, `quantize.group_basis`,
-  int64, as in the official files).
-  """
-  ours = {path: np.asarray(var[...]) for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param))}
-  pieces: dict[str, list[np.ndarray]] = {}
-  for slot in param_slots(model.config):
-    pieces.setdefault(slot.official, []).append(ours[slot.ours].T if slot.transpose else ours[slot.ours])
-  state_dict = {k: np.concatenate(v, axis=0) if len(v) > 1 else v[0] for k, v in pieces.items()}
+  """`model`'s weights as an official state dict, with the BSQ buffers (int64, as the official files)."""
+  state_dict = state_to_official(nnx.state(model, nnx.Param), model.config)
   if isinstance(model.quantizer, quantizers.BSQ):
     bsq = model.quantizer.config
     state_dict["quantize.basis"] = _msb_basis(bsq.num_bits)

@@ -162,7 +162,7 @@ class BSQViT(nnx.Module):
 
   def encode(self, images: jax.Array) -> tuple[jax.Array, QuantizerOutput]:
     """[B, S, S, C] -> (u [B, T, dim] the quantizer's input, its output)."""
-    self._check_images(images)
+    self.check_images(images)
     u = self.quant_embed(self.encoder(images))
     if self.config.l2_normalize:
       u = l2_normalize(u)
@@ -185,7 +185,8 @@ class BSQViT(nnx.Module):
     _, quantized = self.encode(images)
     return jnp.clip(self.decode(quantized.quantized), -1.0, 1.0), quantized
 
-  def _check_images(self, images: jax.Array) -> None:
+  def check_images(self, images: jax.Array) -> None:
+    """Raises one clear error for a wrong shape, channel count, dtype or (if concrete) value range."""
     c = self.config
     shape = tuple(images.shape)
     if len(shape) != 4:
