@@ -1,14 +1,19 @@
 """Attention math shared by every transformer in bitgen, behind one `kind` switch.
 
 `kind="dense"` is softmax(q k^T / sqrt(d) + bias) v through `jax.nn.dot_product_attention`
-(cuDNN flash attention on GPU where it applies, XLA elsewhere).
+(cuDNN flash attention on GPU where it applies, XLA elsewhere). `kind="binary"` is BinaryAttention
+(1-bit Q/K with mean-|x| scales, clipped STE) through `bitgen.kernels.binary_attention`: the Pallas
+kernel of the backend where it applies, its reference elsewhere; `mask` keeps its meaning (a
+boolean mask broadcastable to [B, N, T, S]) and may also be "causal" or integer segment ids there.
 """
 
 from typing import Literal
 
 import jax
 
-AttentionKind = Literal["dense"]
+from bitgen.kernels.binary_attention import binary_attention
+
+AttentionKind = Literal["dense", "binary"]
 
 
 def attention(
@@ -23,4 +28,6 @@ def attention(
   """q: [B, T, N, H], k/v: [B, S, N, H], bias: broadcastable to [B, N, T, S] -> [B, T, N, H]."""
   if kind == "dense":
     return jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask)
+  if kind == "binary":
+    return binary_attention(q, k, v, bias=bias, mask=mask)
   raise ValueError(f"unknown attention kind {kind!r}; expected one of {AttentionKind.__args__}")
