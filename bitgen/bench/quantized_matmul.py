@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bitgen.kernels import ternary_pack
-from bitgen.kernels.quantized_matmul import quantized_matmul, quantized_matmul_reference
+from bitgen.kernels.quantized_matmul import quantized_matmul
 
 _NT = (((1,), (1,)), ((), ()))
 WIDTH, MLP_RATIO = 2048, 4  # Infinity-2B
@@ -101,24 +101,23 @@ def _weights(kind, n, k, copies, key):
   return [_operand(kind, (n, k), kk) for kk in jax.random.split(key, copies)]
 
 
-def _check(m, k, n, key, implementation):
-  """Exact int32 agreement of our implementation with the reference, on fresh data."""
-  kx, kw = jax.random.split(key)
-  x = jax.random.randint(kx, (m, k), -127, 128, jnp.int8)
-  for w in (jax.random.randint(kw, (n, k), -127, 128, jnp.int8),
-            ternary_pack.pack_ternary(jax.random.randint(kw, (n, k), -1, 2, jnp.int8))):
-    ours = jax.jit(lambda x, w: quantized_matmul(x, w, implementation=implementation))(x, w)
-    ref = jax.jit(quantized_matmul_reference)(x, w)
-    if not bool(jnp.array_equal(ours, ref)):
-      raise AssertionError(f"quantized_matmul differs from the reference at {(m, k, n)}, {w.dtype}")
+def _check(m, k, n, seed, implementation):
+  """Exact int32 agreement of our implementation with an int64 product on the host, fresh data."""
+  rng = np.random.default_rng(seed)
+  x = rng.integers(-128, 128, (m, k), dtype=np.int8)
+  for w in (rng.integers(-128, 128, (n, k), dtype=np.int8), rng.integers(-1, 2, (n, k), dtype=np.int8)):
+    packed = ternary_pack.pack_ternary(jnp.asarray(w)) if w.max() <= 1 else jnp.asarray(w)
+    ours = jax.jit(lambda x, w: quantized_matmul(x, w, implementation=implementation))(jnp.asarray(x), packed)
+    if not np.array_equal(np.asarray(ours), x.astype(np.int64) @ w.T.astype(np.int64)):
+      raise AssertionError(f"quantized_matmul differs from the exact product at {(m, k, n)}, {packed.dtype}")
 
 
 def run(shapes, trials: int, copies: int, implementation: str = "auto"):
   key = jax.random.key(0)
   results = []
   for name, m, k, n in shapes:
-    key, kx, kw, kc = jax.random.split(key, 4)
-    _check(m, k, n, kc, implementation)
+    key, kx, kw = jax.random.split(key, 3)
+    _check(m, k, n, m + k + n, implementation)
     scales = (jnp.ones((m,), jnp.float32) / 127, jnp.ones((n,), jnp.float32) / 127)
     # Enough copies that they overflow L2 (50 MB), at most ~8 GiB of weights.
     copies_here = max(4, min(copies, (8 << 30) // (2 * n * k)))
@@ -137,30 +136,31 @@ def run(shapes, trials: int, copies: int, implementation: str = "auto"):
 def sweep(trials: int, copies: int):
   """Times our GPU kernels over candidate block configs at the headline shapes."""
   from bitgen.kernels import quantized_matmul_gpu as gpu
-  gemv = [gpu.GemvConfig(block_n=bn, block_k=bk, num_warps=nw, num_stages=ns)
-          for bn, bk, nw, ns in [(16, 1024, 2, 3), (32, 1024, 4, 3), (32, 512, 4, 4), (64, 512, 4, 3),
-                                 (64, 1024, 4, 3), (64, 1024, 8, 2), (128, 512, 4, 3), (128, 1024, 8, 2)]]
-  gemm = [gpu.GemmConfig(block_m=bm, block_n=bn, block_k=bk, num_warps=nw, num_stages=ns)
-          for bm, bn, bk, nw, ns in [(128, 256, 128, 8, 3), (128, 256, 64, 8, 4), (128, 128, 128, 4, 4),
-                                     (256, 128, 128, 8, 3), (128, 256, 128, 8, 4), (64, 256, 128, 4, 4)]]
+  gemv = {  # (block_n, block_k, split_k, num_warps, num_stages)
+      "ternary": [(64, 512, 2, 4, 3), (128, 512, 2, 8, 3), (64, 1024, 2, 8, 3), (32, 512, 4, 4, 3),
+                  (128, 512, 1, 8, 3), (64, 512, 4, 4, 3), (128, 256, 2, 4, 4)],
+      "int8": [(128, 256, 2, 4, 4), (128, 256, 1, 4, 4), (64, 256, 4, 4, 4)],
+  }
+  gemm = [  # (block_m, block_n, block_k, group_m, num_warps, num_stages)
+      (128, 256, 128, 8, 8, 3), (128, 256, 128, 16, 8, 4)]
+  cases = [((8, 8192, 8192), kind, [gpu.GemvConfig(*c) for c in configs]) for kind, configs in gemv.items()]
+  cases.append(((8192, 8192, 8192), "int8", [gpu.GemmConfig(*c) for c in gemm]))
   key = jax.random.key(1)
   results = []
-  for (m, k, n), configs, kinds in [((8, 8192, 8192), gemv, ("ternary", "int8")),
-                                    ((8192, 8192, 8192), gemm, ("int8",))]:
+  for (m, k, n), kind, configs in cases:
     x = _operand("int8", (m, k), key)
     x_scale, w_scale = jnp.ones((m,), jnp.float32), jnp.ones((n,), jnp.float32)
-    for kind in kinds:
-      weights = _weights(kind, n, k, max(4, min(copies, (8 << 30) // (2 * n * k))), key)
-      for config in configs:
-        fn = lambda x, w, c=config: gpu.matmul(x, w, x_scale, w_scale, out_dtype=jnp.bfloat16, config=c)
-        try:
-          seconds = _time_per_call(fn, x, weights, trials)
-        except Exception as e:  # a config the compiler rejects (e.g. too much shared memory)
-          print(f"sweep {kind} {config}: failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
-          continue
-        results.append((f"sweep {kind}", m, k, n, str(config), seconds * 1e6, 2 * m * k * n / seconds / 1e12))
-        print(f"sweep {kind:8s} {config}: {seconds * 1e6:.1f} us", flush=True)
-      del weights
+    weights = _weights(kind, n, k, max(4, min(copies, (8 << 30) // (2 * n * k))), key)
+    for config in configs:
+      fn = lambda x, w, c=config: gpu.matmul(x, w, x_scale, w_scale, out_dtype=jnp.bfloat16, config=c)
+      try:
+        seconds = _time_per_call(fn, x, weights, trials)
+      except Exception as e:  # a config the compiler rejects (e.g. too much shared memory)
+        print(f"sweep {kind} {config}: failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
+        continue
+      results.append((f"sweep {kind}", m, k, n, str(config), seconds * 1e6, 2 * m * k * n / seconds / 1e12))
+      print(f"sweep {kind:8s} {config}: {seconds * 1e6:.1f} us", flush=True)
+    del weights
   return results
 
 
