@@ -16,12 +16,13 @@ Loss (both): entropy_loss_weight * (sample_entropy_weight * H_persample - divers
 Defaults are Open-MAGVIT2's training weights (entropy 0.1, commitment 0.25; lucidrains' own default
 commitment weight is 0).
 
-Entropy form (`entropy`): "exact" takes the softmax over all 2**L codes, as both official codes do
-(memory N * 2**L floats for N tokens); "factorized" uses the per-bit form, where the softmax over the
-product codebook factorises into p_i = sigmoid(4 * inv_temperature * s * x_i) (s = code magnitude):
-the per-sample entropy is the same quantity (up to the eps conventions), the codebook entropy
-becomes the sum over bits of the binary entropy of the token-mean of p_i (an upper bound of the
-exact one). "auto" is exact up to `EXACT_ENTROPY_MAX_BITS` = 18 bits and factorized beyond.
+Entropy form (`entropy`): "exact" is the official softmax over all 2**L codes; since the logits are
+a sum over channels it factorises over the two halves of the channels, so it is computed without the
+official [N, 2**L] table (memory N * 2**(L/2) + 2**L; see `_exact_entropies`). "factorized" is the
+per-bit form p_i = sigmoid(4 * inv_temperature * s * x_i) (s = code magnitude): the per-sample
+entropy is the same quantity (exactly for Open-MAGVIT2; up to where lucidrains' clamp acts), the
+codebook entropy becomes the sum over bits of the binary entropy of the token-mean of p_i (an upper
+bound of the exact one). "auto" is exact up to `EXACT_ENTROPY_MAX_BITS` = 18 bits, factorized beyond.
 """
 
 import dataclasses
@@ -91,22 +92,34 @@ def _clamped_entropy(probs: jax.Array) -> jax.Array:
   return -jnp.sum(probs * jnp.log(jnp.maximum(probs, ENTROPY_EPS)), axis=-1)
 
 
-def _shifted_entropy(probs: jax.Array) -> jax.Array:
-  """Open-MAGVIT2 codebook entropy: -sum p * log(p + 1e-5) over the last axis."""
-  return -jnp.sum(probs * jnp.log(probs + ENTROPY_EPS), axis=-1)
-
-
-def _entropies(logits: jax.Array, flavour: Flavour) -> tuple[jax.Array, jax.Array]:
-  """logits (N, ..., K) over K choices -> (mean over N of sum over ... of H(p), sum over ... H(avg p))."""
-  probs = jax.nn.softmax(logits, axis=-1)
-  avg_probs = jnp.mean(probs, axis=0)
+def _codebook_entropy(avg_probs: jax.Array, flavour: Flavour) -> jax.Array:
+  """Entropy of the batch-mean distribution over the last axis, in the flavour's eps convention."""
   if flavour == "open_magvit2":
-    persample = -jnp.sum(probs * jax.nn.log_softmax(logits, axis=-1), axis=-1)
-    codebook = _shifted_entropy(avg_probs)
-  else:
-    persample = _clamped_entropy(probs)
-    codebook = _clamped_entropy(avg_probs)
-  return jnp.mean(jnp.sum(persample.reshape(persample.shape[0], -1), axis=-1)), jnp.sum(codebook)
+    return -jnp.sum(avg_probs * jnp.log(avg_probs + ENTROPY_EPS), axis=-1)
+  return _clamped_entropy(avg_probs)
+
+
+def _clamped_product_entropy(pa, la, pb, lb) -> jax.Array:
+  """Per token, -sum_{a,b} p log(clamp(p, 1e-5)) for p = pa * pb, without the [N, A, B] table.
+
+  pa, la: [N, A] probabilities and log-probabilities of the first half; pb, lb: [N, B]. For each a,
+  the b with la + lb >= log(eps) (p >= eps) are a prefix of the b sorted by lb, descending: prefix
+  sums of pb and pb * lb give their share; every other b contributes p * log(eps).
+  """
+  log_eps = jnp.log(jnp.float32(ENTROPY_EPS))
+  order = jnp.argsort(-jax.lax.stop_gradient(lb), axis=-1)
+  pb_sorted = jnp.take_along_axis(pb, order, axis=-1)
+  lb_sorted = jnp.take_along_axis(lb, order, axis=-1)
+  zero = jnp.zeros_like(pb[:, :1])
+  cum_p = jnp.concatenate([zero, jnp.cumsum(pb_sorted, axis=-1)], axis=-1)  # [N, B + 1]
+  cum_pl = jnp.concatenate([zero, jnp.cumsum(pb_sorted * lb_sorted, axis=-1)], axis=-1)
+  # [N, A]: how many of the sorted b have lb >= log(eps) - la.
+  kept = jax.vmap(lambda s, v: jnp.searchsorted(s, v, side="right"))(
+      -jax.lax.stop_gradient(lb_sorted), jax.lax.stop_gradient(la - log_eps))
+  p_kept = jnp.take_along_axis(cum_p, kept, axis=-1)
+  pl_kept = jnp.take_along_axis(cum_pl, kept, axis=-1)
+  inner = la * p_kept + pl_kept + log_eps * (cum_p[:, -1:] - p_kept)  # [N, A]
+  return -jnp.sum(pa * inner, axis=-1)
 
 
 def _scale_logits(inner: jax.Array, config: LFQConfig) -> jax.Array:
@@ -115,21 +128,58 @@ def _scale_logits(inner: jax.Array, config: LFQConfig) -> jax.Array:
   return 2 * inner * config.inv_temperature
 
 
+def _code_magnitude(config: LFQConfig) -> float:
+  return 1 / math.sqrt(config.num_bits) if config.spherical else 1.0
+
+
+def _exact_entropies(tokens: jax.Array, config: LFQConfig) -> tuple[jax.Array, jax.Array]:
+  """The official softmax over all 2**L codes, computed through its two halves.
+
+  The logits 2 tau <x, c> are a sum over channels, so the softmax over the product codebook is the
+  product of the softmaxes over the sub-codes of each half of the channels: p(c) = pa(c_a) pb(c_b).
+  Memory O(N 2**(L/2) + 2**L) and one [A, N] x [N, B] matmul for the batch-mean distribution.
+  """
+  half_probs = []
+  for part in jnp.split(tokens, [(config.num_bits + 1) // 2], axis=-1):
+    width = part.shape[-1]
+    if width == 0:
+      half_probs.append((jnp.ones_like(tokens[:, :1]), jnp.zeros_like(tokens[:, :1])))
+      continue
+    sub_codes = bits_lib.bits_to_signs(
+        bits_lib.indices_to_bits(jnp.arange(2 ** width), width)) * _code_magnitude(config)
+    # [N, 2**width]
+    logits = _scale_logits(jnp.einsum("nd,kd->nk", part, sub_codes), config)
+    half_probs.append((jax.nn.softmax(logits, axis=-1), jax.nn.log_softmax(logits, axis=-1)))
+  (pa, la), (pb, lb) = half_probs
+  if config.flavour == "open_magvit2":
+    # -sum_c p log_softmax(c) = H(pa) + H(pb).
+    persample = -jnp.sum(pa * la, axis=-1) - jnp.sum(pb * lb, axis=-1)
+  else:
+    persample = _clamped_product_entropy(pa, la, pb, lb)
+  # [A, B]: the batch mean of pa(c_a) pb(c_b).
+  avg_probs = jnp.einsum("na,nb->ab", pa, pb) / tokens.shape[0]
+  return jnp.mean(persample), _codebook_entropy(avg_probs.reshape(-1), config.flavour)
+
+
+def _factorized_entropies(tokens: jax.Array, config: LFQConfig) -> tuple[jax.Array, jax.Array]:
+  """Per bit: the two choices +-magnitude of each channel, entropies summed over bits."""
+  inner = tokens * _code_magnitude(config)
+  logits = _scale_logits(jnp.stack([inner, -inner], axis=-1), config)  # [N, L, 2]
+  probs = jax.nn.softmax(logits, axis=-1)
+  if config.flavour == "open_magvit2":
+    persample = -jnp.sum(probs * jax.nn.log_softmax(logits, axis=-1), axis=(-2, -1))
+  else:
+    persample = jnp.sum(_clamped_entropy(probs), axis=-1)
+  codebook = jnp.sum(_codebook_entropy(jnp.mean(probs, axis=0), config.flavour))
+  return jnp.mean(persample), codebook
+
+
 def entropy_terms(x: jax.Array, config: LFQConfig) -> tuple[jax.Array, jax.Array]:
   """(per-sample entropy, codebook entropy) in nats of the (maybe l2-normalised) input x (..., L)."""
   tokens = x.reshape(-1, config.num_bits)
   if config.exact_entropy:
-    codebook = decode_codes(
-        bits_lib.indices_to_bits(jnp.arange(2 ** config.num_bits), config.num_bits, config.order),
-        config)
-    # [N, 2**L]
-    logits = _scale_logits(jnp.einsum("nd,kd->nk", tokens, codebook), config)
-    return _entropies(logits, config.flavour)
-  magnitude = 1 / math.sqrt(config.num_bits) if config.spherical else 1.0
-  # Per bit, the two choices +-magnitude: logits [N, L, 2].
-  inner = tokens * magnitude
-  logits = _scale_logits(jnp.stack([inner, -inner], axis=-1), config)
-  return _entropies(logits, config.flavour)
+    return _exact_entropies(tokens, config)
+  return _factorized_entropies(tokens, config)
 
 
 def decode_codes(bits: jax.Array, config: LFQConfig) -> jax.Array:

@@ -10,6 +10,7 @@ from conftest import load_parity
 
 from bitgen import quantizers
 from bitgen.quantizers import lfq
+from bitgen.quantizers import ops
 
 TOL = dict(atol=1e-5, rtol=1e-5)  # rtol matters only for the 1e12 gradients of the zero token
 
@@ -24,12 +25,16 @@ def _nhwc(x):
 
 
 def _grads(config, x, r):
-  """d(loss + sum(quantized * r))/dx and d(sum(quantized * r))/dx."""
-  def objective(x, with_loss):
+  """d(loss + sum(quantized * r))/dx and d(sum(quantized * r))/dx from one jitted forward."""
+  def forward(x):
     out = lfq.quantize(x, config)
-    return with_loss * out.loss + jnp.sum(out.quantized * r)
-  grad = jax.grad(objective)
-  return grad(x, 1.0), grad(x, 0.0)
+    return out.loss, out.quantized
+
+  def both(x):
+    _, vjp = jax.vjp(forward, x)
+    grad_ste = vjp((jnp.zeros(()), r))[0]
+    return vjp((jnp.ones(()), jnp.zeros_like(r)))[0] + grad_ste, grad_ste
+  return jax.jit(both)(x)
 
 
 OM2 = lfq.LFQConfig(num_bits=10, flavour="open_magvit2", entropy="exact")
@@ -90,16 +95,51 @@ def test_lucidrains(fixture, case, scale, spherical, tau):
   np.testing.assert_array_equal(lfq.decode_codes(out.codes, config), want("quantized_eval"))
 
 
+def _full_table_entropies(x, flavour, spherical, tau):
+  """The official computation: a softmax over the whole [N, 2**L] table of codes."""
+  num_bits = x.shape[-1]
+  codebook = 2.0 * ((jnp.arange(2 ** num_bits)[:, None] >> jnp.arange(num_bits)) & 1) - 1
+  if spherical:
+    x, codebook = x / jnp.linalg.norm(x, axis=-1, keepdims=True), codebook / math.sqrt(num_bits)
+  logits = 2 * x @ codebook.T * tau
+  p = jax.nn.softmax(logits, axis=-1)
+  avg = jnp.mean(p, axis=0)
+  if flavour == "open_magvit2":
+    return (jnp.mean(-jnp.sum(p * jax.nn.log_softmax(logits), axis=-1)),
+            -jnp.sum(avg * jnp.log(avg + 1e-5)))
+  clamped = lambda q: -jnp.sum(q * jnp.log(jnp.maximum(q, 1e-5)), axis=-1)
+  return jnp.mean(clamped(p)), clamped(avg)
+
+
 @pytest.mark.parametrize("flavour", ["open_magvit2", "lucidrains"])
-@pytest.mark.parametrize("spherical", [False, True])
-def test_factorized_entropy(flavour, spherical):
+@pytest.mark.parametrize("num_bits,spherical,scale", [(7, False, 0.01), (8, True, 1.0), (1, False, 0.005)])
+def test_exact_entropy_equals_full_table(flavour, num_bits, spherical, scale):
+  """The half-split exact entropies (values and gradients) equal the official full-table ones."""
+  config = lfq.LFQConfig(num_bits=num_bits, flavour=flavour, spherical=spherical,
+                         inv_temperature=30.0, entropy="exact")
+  x = jax.random.normal(jax.random.key(0), (48, num_bits)) * scale
+
+  def ours(x):
+    return lfq.entropy_terms(ops.l2_normalize(x) if spherical else x, config)
+
+  def reference(x):
+    return _full_table_entropies(x, flavour, spherical, 30.0)
+
+  np.testing.assert_allclose(ours(x), reference(x), atol=1e-5)
+  # Both terms' gradients at once: [2 terms] of [N, L].
+  grads_ours, grads_reference = (jax.jit(jax.jacrev(f))(x) for f in (ours, reference))
+  np.testing.assert_allclose(grads_ours, grads_reference, atol=1e-5)
+
+
+@pytest.mark.parametrize("flavour", ["open_magvit2", "lucidrains"])
+def test_factorized_entropy(flavour):
   """Per-bit form: same per-sample entropy as the exact softmax, codebook entropy an upper bound."""
   x = jax.random.normal(jax.random.key(0), (64, 8)) * 0.01
-  exact, factorized = (lfq.LFQConfig(num_bits=8, flavour=flavour, spherical=spherical, entropy=e)
+  exact, factorized = (lfq.LFQConfig(num_bits=8, flavour=flavour, entropy=e)
                        for e in ("exact", "factorized"))
   ps_exact, cb_exact = lfq.entropy_terms(x, exact)
   ps_fact, cb_fact = lfq.entropy_terms(x, factorized)
-  np.testing.assert_allclose(ps_fact, ps_exact, atol=1e-3)  # the eps conventions differ
+  np.testing.assert_allclose(ps_fact, ps_exact, atol=1e-3)  # the clamp acts differently per bit
   assert cb_exact <= cb_fact + 1e-4 <= 8 * math.log(2) + 1e-3
 
 
