@@ -59,8 +59,9 @@ def binary_decode_attention_reference(q, k_bits, k_scale, v, lengths):
   valid = jnp.arange(k_bits.shape[1])[None, :, None] < lengths[:, None, None]
   logits = jnp.where(valid, logits, -jnp.inf)
   probs = jax.nn.softmax(logits, axis=1)
-  # [B, N, H]
-  out = jnp.einsum("bsn,bsnh->bnh", probs, v.astype(jnp.float32), precision=lax.Precision.HIGHEST)
+  # [B, N, H]: P in V's dtype (as the bf16 baseline) so XLA never writes an upcast copy of V.
+  out = jnp.einsum("bsn,bsnh->bnh", probs.astype(v.dtype), v, preferred_element_type=jnp.float32,
+                   precision=lax.Precision.HIGHEST)
   return out.astype(v.dtype)
 
 

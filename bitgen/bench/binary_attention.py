@@ -1,0 +1,164 @@
+"""Benchmark: binary attention (prefill) and packed-cache decode against cuDNN / XLA baselines.
+
+  python -m bitgen.bench.binary_attention [--quick] [--out table.md]
+
+Prefill: ours (`binary_attention`, kernel of this backend, binarisation included; and the kernel
+alone on pre-binarised inputs) vs `jax.nn.dot_product_attention` cuDNN and XLA, bf16 forward.
+Decode: one token over a 32k cache, packed keys (`binary_decode_attention`) vs a bf16 K/V cache
+decode in XLA. Accuracy: max / mean |err| of ours against the f32 binary reference and against
+dense f32 attention on the unquantised inputs. Imports only jax (no data or config libraries).
+"""
+
+import argparse
+import datetime
+import functools
+import math
+import time
+import traceback
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from bitgen.kernels import binary_attention as ba
+from bitgen.kernels import binary_decode as bd
+
+PREFILL = [  # (B, T, N, H, causal)
+    (4, 4096, 16, 64, False),
+    (4, 4096, 16, 128, False),
+    (1, 16384, 16, 64, True),
+    (1, 16384, 16, 128, True),
+]
+DECODE_BATCHES = (8, 16, 32, 64)
+DECODE_CACHE, DECODE_HEADS, DECODE_HEAD_DIM = 32768, 16, 128
+
+
+def time_ms(fn, *args, calls=10, repeats=7) -> float:
+  """Median wall time of one call: `calls` back-to-back dispatches per sample, then a sync."""
+  jax.block_until_ready(fn(*args))
+  samples = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    for _ in range(calls):
+      out = fn(*args)
+    jax.block_until_ready(out)
+    samples.append((time.perf_counter() - start) / calls * 1e3)
+  return float(np.median(samples))
+
+
+def _try(fn, *args, **kwargs):
+  try:
+    return fn(*args, **kwargs)
+  except Exception as e:  # a baseline or kernel missing on this device: report, keep going
+    traceback.print_exc()
+    return f"failed: {type(e).__name__}: {str(e).splitlines()[0][:80]}"
+
+
+def _fmt(x, unit=""):
+  return f"{x:.3f}{unit}" if isinstance(x, float) else str(x)
+
+
+def bench_prefill(batch, length, heads, head_dim, causal, rows, accuracy):
+  keys = jax.random.split(jax.random.key(0), 3)
+  q, k, v = (jax.random.normal(key, (batch, length, heads, head_dim), jnp.bfloat16) for key in keys)
+  mask = "causal" if causal else None
+  flops = 4 * batch * heads * length * length * head_dim / (2 if causal else 1)
+
+  ours = jax.jit(functools.partial(ba.binary_attention, mask=mask, implementation="pallas_gpu"))
+  signs = jax.jit(lambda x: ba.binarize(x, "per_head"))
+  qs, qsc = signs(q)
+  ks, ksc = signs(k)
+  kernel_only = jax.jit(functools.partial(ba._gpu_forward, causal=causal))
+  cudnn = jax.jit(functools.partial(jax.nn.dot_product_attention, is_causal=causal,
+                                    implementation="cudnn"))
+  xla = jax.jit(functools.partial(jax.nn.dot_product_attention, is_causal=causal,
+                                  implementation="xla"))
+  shape = f"B={batch} T={length} N={heads} H={head_dim}{' causal' if causal else ''}"
+  # Baselines first: a failing kernel must not cost their numbers.
+  for name, fn, args in [("cuDNN dot_product_attention", cudnn, (q, k, v)),
+                         ("ours: binary_attention (pallas_gpu)", ours, (q, k, v)),
+                         ("ours: kernel only (pre-binarised)", kernel_only,
+                          (qs, qsc, ks, ksc, v, None)),
+                         ("XLA dot_product_attention", xla, (q, k, v))]:
+    ms = _try(time_ms, fn, *args)
+    tflops = flops / (ms * 1e-3) / 1e12 if isinstance(ms, float) else None
+    rows.append((shape, name, _fmt(ms), "" if tflops is None else f"{tflops:.0f}"))
+    print(rows[-1], flush=True)
+
+  if length <= 4096:  # the f32 references hold [B, N, T, S] scores: only at the smaller shapes
+    out = _try(lambda: ours(q, k, v).astype(jnp.float32))
+    if isinstance(out, str):
+      accuracy.append((shape, out, "", "", ""))
+      return
+    f32 = [x.astype(jnp.float32) for x in (q, k, v)]
+    ref = jax.jit(functools.partial(ba.binary_attention_reference, mask=mask))(*f32)
+    with jax.default_matmul_precision("highest"):
+      dense = jax.jit(functools.partial(jax.nn.dot_product_attention, is_causal=causal))(*f32)
+    err_ref, err_dense = jnp.abs(out - ref), jnp.abs(out - dense)
+    ref_dense = jnp.abs(ref - dense)
+    accuracy.append((shape, f"{float(err_ref.max()):.2e} / {float(err_ref.mean()):.2e}",
+                     f"{float(err_dense.max()):.2e} / {float(err_dense.mean()):.2e}",
+                     f"{float(ref_dense.max()):.2e} / {float(ref_dense.mean()):.2e}",
+                     f"{float(jnp.abs(dense).mean()):.2e}"))
+    print(accuracy[-1], flush=True)
+
+
+def bench_decode(batch, rows):
+  cache, heads, head_dim = DECODE_CACHE, DECODE_HEADS, DECODE_HEAD_DIM
+  keys = jax.random.split(jax.random.key(batch), 3)
+  q = jax.random.normal(keys[0], (batch, heads, head_dim), jnp.bfloat16)
+  k = jax.random.normal(keys[1], (batch, cache, heads, head_dim), jnp.bfloat16)
+  v = jax.random.normal(keys[2], (batch, cache, heads, head_dim), jnp.bfloat16)
+  lengths = jnp.full((batch,), cache, jnp.int32)
+  k_bits, k_scale = jax.jit(bd.pack_signs)(k)
+  ours_ms = _try(time_ms, jax.jit(bd.binary_decode_attention), q, k_bits, k_scale, v, lengths)
+  dense_ms = _try(time_ms, jax.jit(bd.dense_decode_attention), q, k, v, lengths)
+  packed_bytes = k_bits.nbytes + k_scale.nbytes + v.nbytes
+  dense_bytes = k.nbytes + v.nbytes
+  speedup = dense_ms / ours_ms if isinstance(ours_ms, float) and isinstance(dense_ms, float) else ""
+  gbs = lambda nbytes, ms: f"{nbytes / (ms * 1e-3) / 1e9:.0f}" if isinstance(ms, float) else ""
+  rows.append((f"B={batch} S={cache} N={heads} H={head_dim}", _fmt(ours_ms), gbs(packed_bytes, ours_ms),
+               _fmt(dense_ms), gbs(dense_bytes, dense_ms), _fmt(speedup, "x")))
+  print(rows[-1], flush=True)
+  del k, v, k_bits
+
+
+def _table(header, rows):
+  lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+  return "\n".join(lines + ["| " + " | ".join(map(str, r)) + " |" for r in rows])
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--quick", action="store_true", help="first prefill shape, decode B=8 only")
+  parser.add_argument("--out", help="also write the markdown tables to this file")
+  args = parser.parse_args(argv)
+  device = jax.devices()[0]
+  header = (f"device: {device.device_kind} ({jax.default_backend()}), jax {jax.__version__}, "
+            f"date {datetime.date.today().isoformat()}")
+  print(header, flush=True)
+  prefill, accuracy, decode = [], [], []
+  for batch in DECODE_BATCHES[:1] if args.quick else DECODE_BATCHES:
+    bench_decode(batch, decode)
+  for config in PREFILL[:1] if args.quick else PREFILL:
+    bench_prefill(*config, prefill, accuracy)
+  text = "\n\n".join([
+      header,
+      "Prefill, bf16 forward (ms: median of 7 samples of 10 back-to-back calls; TFLOP/s counts "
+      "4*B*N*T*S*H, halved for causal):",
+      _table(("shape", "implementation", "ms", "TFLOP/s"), prefill),
+      "Accuracy (bf16 inputs; max / mean |difference|; 'dense' = f32 softmax attention on the "
+      "unquantised q, k):",
+      _table(("shape", "ours vs f32 binary reference", "ours vs dense", "f32 binary reference "
+              "vs dense", "mean |dense|"), accuracy),
+      "Decode, one token over a full cache, bf16 V (GB/s counts the cache bytes read once):",
+      _table(("shape", "ours packed-K ms", "GB/s", "bf16 K/V XLA ms", "GB/s", "speedup"), decode),
+  ])
+  print("\n" + text)
+  if args.out:
+    with open(args.out, "w") as f:
+      f.write(text + "\n")
+
+
+if __name__ == "__main__":
+  main()
