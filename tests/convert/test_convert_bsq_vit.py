@@ -46,7 +46,7 @@ def test_load_from_files(tmp_path, weights, config):
   for model in (from_npz, from_safetensors):
     np.testing.assert_array_equal(
         model.encoder.patch_embed.kernel[...], weights["encoder.conv1.weight"].T)
-    q, k, v = np.split(weights["decoder.transformer.resblocks.1.attn.in_proj_weight"], 3)
+    _, k, _ = np.split(weights["decoder.transformer.resblocks.1.attn.in_proj_weight"], 3)
     np.testing.assert_array_equal(model.decoder.transformer.blocks[1].attn.key.kernel[...], k.T)
 
 

@@ -182,6 +182,28 @@ def test_range_is_checked_only_on_concrete_images(mini):
   assert recon.shape == (1, 16, 16, 3)
 
 
+@pytest.mark.parametrize("quantizer", [
+    dict(name="lfq", num_bits=10), dict(name="fsq", levels=(8, 5, 5, 5))])
+def test_quantizer_sub_dict_picks_the_quantizer(quantizer):
+  model = nnx.eval_shape(
+      lambda: BSQViT({**MINI, "quantizer": quantizer, "l2_normalize": False}, rngs=nnx.Rngs(0)))
+  dim = model.quantizer.dim
+  assert model.quant_embed.kernel.shape == (32, dim) and model.post_quant_embed.kernel.shape == (dim, 32)
+  recon, q = nnx.eval_shape(lambda m, x: m(x), model, jnp.zeros((2, 16, 16, 3)))
+  assert recon.shape == (2, 16, 16, 3) and q.quantized.shape == q.codes.shape == (2, 4, dim)
+
+
+def test_linear_kind_reaches_the_transformer_blocks_only():
+  from bitgen.nn.bitlinear import BitLinear
+  model = nnx.eval_shape(lambda: BSQViT({**MINI, "linear": "bitnet"}, rngs=nnx.Rngs(0)))
+  block = model.decoder.transformer.blocks[0]
+  assert all(isinstance(layer, BitLinear) for layer in (
+      block.attn.query, block.attn.key, block.attn.value, block.attn.out, block.mlp.up, block.mlp.down))
+  assert type(model.encoder.patch_embed) is nnx.Linear and type(model.decoder.to_pixels) is nnx.Linear
+  recon, _ = nnx.eval_shape(lambda m, x: m(x), model, jnp.zeros((1, 16, 16, 3)))
+  assert recon.shape == (1, 16, 16, 3)
+
+
 def test_bad_configs_raise_one_clear_error():
   model = configs.get_config("tiny").model.to_dict()
   with pytest.raises(ValueError, match="patch_size 7 does not divide image_size 64"):
