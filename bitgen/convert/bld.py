@@ -6,9 +6,9 @@ Denoiser: `bld_*.th` is the `BinaryDiffusion` state dict (`_denoise_fn.*`, `embe
 `scheduler.*`); a bare `TransformerBD` state dict loads too.
 
 A state dict is a mapping of official key -> array in PyTorch layout (Linear (out, in), Conv2d
-(out, in, kh, kw)), or a path to a .npz / .safetensors file, or a .pt/.th file (needs torch).
+(out, in, kh, kw)), or a checkpoint file (.npz, .safetensors, or torch .th/.pt, which needs torch).
 Every parameter of the module must be found with its shape; every other key must be one the
-reference keeps unused, else a ValueError names the keys. The module may be abstract
+reference keeps unused, else a `CheckpointError` (a ValueError) names the keys. The module may be abstract
 (`nnx.eval_shape(lambda: Model(config, rngs=...))`), which skips the random initialisation.
 """
 
@@ -19,6 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from bitgen.convert import checkpoint_io
+from bitgen.convert.checkpoint_io import CheckpointError
 from bitgen.models import bld_autoencoder as ae_lib
 from bitgen.models import bld_denoiser as den_lib
 
@@ -28,24 +30,20 @@ Entry = tuple[Path, str, Callable[[np.ndarray], np.ndarray]]
 
 
 def read_state_dict(source: StateDict | str | os.PathLike) -> dict[str, np.ndarray]:
-  """A state dict from a mapping or a .npz / .safetensors / .pt / .th file."""
+  """A state dict from a mapping or a checkpoint file (see `checkpoint_io.load_state_dict`)."""
   if isinstance(source, Mapping):
     return {k: np.asarray(v) for k, v in source.items()}
   path = os.fspath(source)
-  if path.endswith(".npz"):
-    with np.load(path) as data:
-      return dict(data)
-  if path.endswith(".safetensors"):
-    from safetensors.numpy import load_file
-    return load_file(path)
-  if path.endswith((".pt", ".pth", ".th")):
-    try:
-      import torch
-    except ImportError as e:
-      raise ImportError(f"reading {path} needs torch; convert it to .npz or .safetensors first") from e
-    loaded = torch.load(path, map_location="cpu", weights_only=True)
-    return {k: v.float().numpy() if v.is_floating_point() else v.numpy() for k, v in loaded.items()}
-  raise ValueError(f"unknown checkpoint format {path!r}; expected .npz, .safetensors, .pt, .pth or .th")
+  if not path.endswith(".th"):
+    return checkpoint_io.load_state_dict(path)
+  # The official files are named *.th (torch.save); checkpoint_io does not list that suffix.
+  try:
+    import torch
+  except ImportError as e:
+    raise ImportError(f"reading {path} needs PyTorch, or convert it to .npz / .safetensors") from e
+  loaded = torch.load(path, map_location="cpu", weights_only=True)
+  arrays = {k: (v.float() if v.is_floating_point() else v).numpy() for k, v in loaded.items()}
+  return checkpoint_io.strip_prefix(arrays)
 
 
 # --- layout transforms (PyTorch -> flax) ---
@@ -150,7 +148,7 @@ def _load(model: nnx.Module, state_dict: dict[str, np.ndarray], entries: Iterato
   if problems or unexpected:
     lines = problems + ([f"unexpected keys {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}"]
                         if unexpected else [])
-    raise ValueError(f"checkpoint does not match the {what}:\n  " + "\n  ".join(lines))
+    raise CheckpointError(f"checkpoint does not match the {what}:\n  " + "\n  ".join(lines))
   nnx.update(model, nnx.from_flat_state(flat))
   return model
 
@@ -165,13 +163,13 @@ def load_autoencoder(model: ae_lib.BinaryAutoencoder, source) -> ae_lib.BinaryAu
   """Loads an official binary autoencoder (BinaryGAN `ae.*` or bare) into `model`, in place."""
   state_dict = read_state_dict(source)
   if any(k.startswith("_denoise_fn.") or k.startswith("tok_emb.") for k in state_dict):
-    raise ValueError("this is a Binary Latent Diffusion denoiser checkpoint (bld_*.th), not an "
+    raise CheckpointError("this is a Binary Latent Diffusion denoiser checkpoint (bld_*.th), not an "
                      "autoencoder one (binaryae_*.th); load it with load_denoiser")
   state_dict = _strip_prefix(state_dict, "ae.")
   state_dict = {k: v for k, v in state_dict.items()
                 if not k.startswith(("disc.", "perceptual."))}
   if not any(k.startswith("encoder.blocks.") for k in state_dict):
-    raise ValueError("checkpoint has no 'encoder.blocks.*' (nor 'ae.encoder.blocks.*') keys: "
+    raise CheckpointError("checkpoint has no 'encoder.blocks.*' (nor 'ae.encoder.blocks.*') keys: "
                      "not a Binary Latent Diffusion autoencoder")
   return _load(model, state_dict, autoencoder_entries(model), "binary autoencoder config",
                _is_unused_autoencoder_key)
@@ -214,33 +212,33 @@ def load_denoiser(model: den_lib.Denoiser, source, *, schedule=None) -> den_lib.
   """
   state_dict = read_state_dict(source)
   if any(k.startswith(("ae.", "encoder.blocks.", "generator.blocks.")) for k in state_dict):
-    raise ValueError("this is a binary autoencoder checkpoint (binaryae_*.th), not a denoiser one "
+    raise CheckpointError("this is a binary autoencoder checkpoint (binaryae_*.th), not a denoiser one "
                      "(bld_*.th); load it with load_autoencoder")
   if schedule is not None:
     check_schedule(state_dict, schedule)
   state_dict = _strip_prefix(state_dict, "_denoise_fn.")
   if "tok_emb.weight" not in state_dict:
-    raise ValueError("checkpoint has no 'tok_emb.weight' (nor '_denoise_fn.tok_emb.weight'): "
+    raise CheckpointError("checkpoint has no 'tok_emb.weight' (nor '_denoise_fn.tok_emb.weight'): "
                      "not a Binary Latent Diffusion denoiser")
   if model.cls_emb is None and "cls_embedding.weight" in state_dict:
-    raise ValueError("checkpoint is class-conditional (has cls_embedding.weight) but the config "
+    raise CheckpointError("checkpoint is class-conditional (has cls_embedding.weight) but the config "
                      "has num_classes=0")
   unused = lambda k: k == "embedding_weight" or k.startswith("scheduler.")
   return _load(model, state_dict, denoiser_entries(model), "denoiser config", unused)
 
 
 def check_schedule(state_dict: StateDict, schedule) -> None:
-  """Raises ValueError unless the checkpoint's `scheduler.*` buffers equal `schedule`'s."""
+  """Raises CheckpointError unless the checkpoint's `scheduler.*` buffers equal `schedule`'s."""
   for name in ("k_final", "b_final", "beta"):
     key = f"scheduler.{name}"
     if key not in state_dict:
-      raise ValueError(f"checkpoint has no {key!r} buffer to check the noise schedule against")
+      raise CheckpointError(f"checkpoint has no {key!r} buffer to check the noise schedule against")
     theirs, ours = np.asarray(state_dict[key]), np.asarray(getattr(schedule, name))
     if theirs.shape != ours.shape:
-      raise ValueError(
+      raise CheckpointError(
           f"checkpoint was trained with T={theirs.shape[0] - 1} diffusion steps, the config has "
           f"total_steps={ours.shape[0] - 1}")
     if not np.allclose(theirs, ours, atol=1e-6):
-      raise ValueError(
+      raise CheckpointError(
           f"checkpoint's {key} differs from the config's {schedule.kind!r} schedule "
           f"(max |diff| {np.abs(theirs - ours).max():.3g}): wrong beta_type?")

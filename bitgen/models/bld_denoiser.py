@@ -143,14 +143,15 @@ class Denoiser(nnx.Module):
           f"{c.latent_size}, {c.num_bits} bits per position), got {bits.shape}")
     if t.shape != bits.shape[:1]:
       raise ValueError(f"t must be ({bits.shape[0]},) diffusion steps, got shape {t.shape}")
-    # [B, L, D]
-    x = self.tok_emb(2 * bits.astype(jnp.float32) - 1) + self.pos_emb[...][None]
-    tokens = [x, self.time_token(t)[:, None]]
     if labels is not None:
       if self.cls_emb is None:
         raise ValueError("labels given, but this denoiser is unconditional (num_classes=0)")
       if labels.shape != bits.shape[:1]:
         raise ValueError(f"labels must be ({bits.shape[0]},) class ids, got shape {labels.shape}")
+    # [B, L, D]
+    x = self.tok_emb(2 * bits.astype(jnp.float32) - 1) + self.pos_emb[...][None]
+    tokens = [x, self.time_token(t)[:, None]]
+    if labels is not None:
       tokens.append(self.cls_emb(labels)[:, None])
     return jnp.concatenate(tokens, axis=1)
 
