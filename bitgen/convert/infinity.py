@@ -11,6 +11,7 @@ A key the model lacks, a key the checkpoint lacks, or a shape mismatch raises on
 naming it.
 """
 
+import math
 import os
 import re
 from collections.abc import Callable, Mapping
@@ -121,3 +122,70 @@ def load_vae(source, config, *, use_ema: bool = False) -> nnx.Module:
   from bitgen.models.infinity_vae import InfinityVAE
   model = nnx.eval_shape(lambda: InfinityVAE(config, rngs=nnx.Rngs(0)))
   return load_vae_params(model, source, use_ema=use_ema)
+
+
+# ----------------------------------------------------------------------------------------------
+# Transformer
+
+# (regex on our dotted param path, replacement giving the official key), applied in order.
+_TRANSFORMER_RENAMES = [
+    (r"^text_proj_for_ca\.fc1\.", "text_proj_for_ca.0."),
+    (r"^text_proj_for_ca\.fc2\.", "text_proj_for_ca.2."),
+    (r"^shared_ada_lin\.", "shared_ada_lin.1."),
+    (r"^head_nm\.ada_lin\.", "head_nm.ada_lin.1."),
+    (r"\.sa\.log_scale$", ".sa.scale_mul_1H11"),
+    (r"\.kernel$", ".weight"),
+    (r"\.embedding$", ".weight"),
+    (r"\.ca_norm\.scale$", ".ca_norm.weight"),
+]
+_CHUNKED_BLOCK = re.compile(r"^block_chunks\.(\d+)\.module\.(\d+)\.")
+
+
+def _unchunk(state_dict: StateDict) -> dict[str, np.ndarray]:
+  """Renames `block_chunks.{c}.module.{j}.*` to `blocks.{c * n + j}.*` (n blocks per chunk)."""
+  matches = [_CHUNKED_BLOCK.match(k) for k in state_dict]
+  per_chunk = 1 + max((int(m.group(2)) for m in matches if m), default=-1)
+  out = {}
+  for key, m in zip(state_dict, matches):
+    new = key if m is None else f"blocks.{int(m.group(1)) * per_chunk + int(m.group(2))}." + key[m.end():]
+    out[new] = state_dict[key]
+  return out
+
+
+def _transformer_specs(model: nnx.Module) -> dict[tuple, tuple[list[str], Transform]]:
+  specs = {}
+  for path, variable in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+    key = ".".join(map(str, path))
+    for pattern, replacement in _TRANSFORMER_RENAMES:
+      key = re.sub(pattern, replacement, key)
+    shape = tuple(variable.get_value().shape)
+    if path[-1] == "kernel":
+      transform = _linear_kernel
+    else:  # scale_mul_1H11 (1,H,1,1) or (1,1,H,1), ada_gss (1,1,6,C), pos_start (1,1,C) -> ours
+      transform = lambda w, shape=shape: w.reshape(shape) if w.size == math.prod(shape) else w
+    specs[path] = ([key], transform)
+  return specs
+
+
+def load_transformer_params(model: nnx.Module, source) -> nnx.Module:
+  """Fills an `Infinity` in place from an official (text-conditional) state_dict; returns it."""
+  if model.config.num_classes:
+    raise CheckpointError("official Infinity checkpoints are text-conditional; this model is "
+                          f"class-conditional (num_classes={model.config.num_classes})")
+  state_dict = _unchunk(read_state_dict(source))
+  rows = model.config.text_maxlen
+  if "cfg_uncond" in state_dict and state_dict["cfg_uncond"].shape[0] != rows:
+    have = state_dict["cfg_uncond"].shape[0]
+    if have < rows:
+      raise CheckpointError(f"the checkpoint's null caption cfg_uncond has {have} rows, fewer than "
+                            f"text_maxlen={rows}; build the model with text_maxlen <= {have}")
+    state_dict["cfg_uncond"] = state_dict["cfg_uncond"][:rows]  # as the official load_state_dict
+  _assign(model, _transformer_specs(model), state_dict, _TRANSFORMER_BUFFERS, "Infinity transformer")
+  return model
+
+
+def load_transformer(source, config) -> nnx.Module:
+  """Builds `Infinity(config)` (abstractly: no random init) and loads an official state_dict."""
+  from bitgen.models.infinity import Infinity
+  model = nnx.eval_shape(lambda: Infinity(config, rngs=nnx.Rngs(0)))
+  return load_transformer_params(model, source)
