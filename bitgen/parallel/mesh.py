@@ -1,7 +1,8 @@
 """The device mesh: axes (data, fsdp, tensor), built from `config.mesh`.
 
 `config.mesh.shape` gives one size per axis; a single -1 is filled with the devices left over
-(`(1, -1, 1)` = all devices on fsdp). `config.mesh.axis_types` is "explicit" (default: shardings are
+(`(1, -1, 1)` = all devices on fsdp). `config.mesh.devices` (default: all) uses only the first N
+devices, e.g. 1 to train on one device of many. `config.mesh.axis_types` is "explicit" (default: shardings are
 part of the array types, see JAX's explicit sharding) or "auto" (GSPMD propagation).
 """
 
@@ -36,8 +37,15 @@ def resolve_shape(shape: Sequence[int], num_devices: int) -> tuple[int, ...]:
 
 
 def make_mesh(mesh_config: Mapping[str, Any], devices: Sequence[jax.Device] | None = None) -> Mesh:
-  """Builds the (data, fsdp, tensor) mesh from `mesh_config` {shape, axis_types} over `devices`."""
-  devices = jax.devices() if devices is None else list(devices)
+  """Builds the (data, fsdp, tensor) mesh from `mesh_config` {shape, axis_types, devices}."""
+  if devices is None:
+    devices = jax.devices()
+    count = mesh_config.get("devices")
+    if count is not None:
+      if not 0 < count <= len(devices):
+        raise ValueError(f"mesh devices={count}: between 1 and {len(devices)} devices are available")
+      devices = devices[:count]
+  devices = list(devices)
   shape = resolve_shape(mesh_config.get("shape", (1, -1, 1)), len(devices))
   kind = mesh_config.get("axis_types", "explicit")
   if kind not in _AXIS_TYPES:

@@ -9,7 +9,8 @@ config.train       batch_size (global), steps, seed,
                    lr_end_factor, b1, b2, eps, weight_decay, no_decay, grad_clip_norm  (optimizer.py)
                    ema_decay (None: no EMA), loss {...} (the task's loss options, tokenizer.py)
 config.mesh        shape (data, fsdp, tensor; one -1 = fill), axis_types explicit|auto,
-                   rules {logical name: mesh axis | tuple | None} (parallel/sharding.py)
+                   rules {logical name: mesh axis | tuple | None} (parallel/sharding.py),
+                   devices (use the first N devices; default all)
 config.checkpoint  every (steps), keep (newest kept), async_save
 config.log         every (steps between metric writes), grid_every (steps between PNG grids; 0 off),
                    grid_images, progress (tqdm bar)
@@ -28,7 +29,7 @@ from bitgen.train import optimizer
 TRAIN_DEFAULTS = dict(
     batch_size=8, steps=1000, seed=0, ema_decay=0.999, loss={},
     **{k: v for k, v in optimizer.DEFAULTS.items()})
-MESH_DEFAULTS = dict(shape=(1, -1, 1), axis_types="explicit", rules=DEFAULT_RULES)
+MESH_DEFAULTS = dict(shape=(1, -1, 1), axis_types="explicit", rules=DEFAULT_RULES, devices=None)
 CHECKPOINT_DEFAULTS = dict(every=1000, keep=3, async_save=True)
 LOG_DEFAULTS = dict(every=50, grid_every=500, grid_images=8, progress=True)
 SECTIONS = {"train": TRAIN_DEFAULTS, "mesh": MESH_DEFAULTS, "checkpoint": CHECKPOINT_DEFAULTS,

@@ -42,7 +42,7 @@ def train_step(graphdef: nnx.GraphDef, state: TrainState, batch, *, task: Task,
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   ema_params = ema_update(state.ema_params, params, ema_decay) if ema_decay else state.ema_params
-  metrics = {**metrics, "loss": loss, "grad_norm": optax.global_norm(grads)}
+  metrics = {**metrics, "loss": loss, "grad_norm": optax.tree.norm(grads)}
   if schedule is not None:
     metrics["lr"] = schedule(state.step)
   new_state = state.replace(step=state.step + 1, params=params, extra=extra, opt_state=opt_state,

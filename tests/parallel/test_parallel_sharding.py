@@ -89,3 +89,10 @@ def test_sharded_matmul_on_explicit_mesh_matches_unsharded():
   xs = global_batch({"x": x}, batch_sharding(mesh, DEFAULT_RULES))["x"]
   out = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x))(state, xs)
   np.testing.assert_allclose(np.asarray(out), np.asarray(expected), rtol=1e-5, atol=1e-5)
+
+
+def test_make_mesh_on_a_subset_of_devices():
+  mesh = make_mesh({"shape": (1, -1, 1), "devices": 2})
+  assert dict(mesh.shape) == {"data": 1, "fsdp": 2, "tensor": 1}
+  with pytest.raises(ValueError, match="devices=9"):
+    make_mesh({"shape": (1, -1, 1), "devices": 9})

@@ -25,11 +25,12 @@ def task(bits: int = 8, **loss) -> TokenizerTask:
   return TokenizerTask(model_fn=lambda rngs: StandIn(rngs, bits=bits), loss=loss or None)
 
 
-def config(steps: int, *, mesh=(1, -1, 1), every: int = 2, batch_size: int = 8, **train):
+def config(steps: int, *, mesh=(1, -1, 1), devices: int | None = 1, every: int = 2,
+           batch_size: int = 8, **train):
   return {
       "train": {"batch_size": batch_size, "steps": steps, "lr": 1e-3, "warmup_steps": 1,
                 "decay_steps": 20, **train},
-      "mesh": {"shape": mesh},
+      "mesh": {"shape": mesh, "devices": devices},
       "checkpoint": {"every": every, "keep": 2},
       "log": {"every": 1, "grid_every": 2, "progress": False},
   }
