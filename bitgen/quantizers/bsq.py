@@ -137,19 +137,19 @@ def decode_indices(indices: jax.Array, config: BSQConfig) -> jax.Array:
 def quantize(u: jax.Array, config: BSQConfig, *, compute_loss: bool = True) -> QuantizerOutput:
   """Quantizes u (..., L). With compute_loss=False the loss is 0 and only usage metrics are kept."""
   ops.check_last_dim(u, config.num_bits, "BSQ")
-  signs = ops.sign_values(u)
-  quantized = ops.straight_through(u, signs) * config.code_scale
+  u_wide = ops.at_least_float32(u)  # losses in float32 also for bfloat16 latents
+  quantized = ops.straight_through(u_wide, ops.sign_values(u_wide)) * config.code_scale
   codes = bits_lib.signs_to_bits(u)
   indices = (bits_lib.bits_to_indices(codes, config.bit_order)
              if config.num_bits <= bits_lib.MAX_INDEX_BITS else None)
   metrics = stats.usage_metrics(codes)
-  loss = jnp.zeros((), u.dtype)
+  loss = jnp.zeros((), u_wide.dtype)
   if compute_loss:
-    commitment = jnp.mean(jnp.sum((jax.lax.stop_gradient(quantized) - u) ** 2, axis=-1))
-    persample, codebook, avg_prob = soft_entropy(u, config)
+    commitment = jnp.mean(jnp.sum((jax.lax.stop_gradient(quantized) - u_wide) ** 2, axis=-1))
+    persample, codebook, avg_prob = soft_entropy(u_wide, config)
     penalty = config.gamma0 * persample - config.gamma * codebook
     loss = config.beta * commitment + config.zeta * penalty / config.inv_temperature
     metrics.update(commitment=commitment, persample_entropy=persample,
                    codebook_entropy=codebook, avg_prob=avg_prob)
-  return QuantizerOutput(quantized=quantized, codes=codes, indices=indices, loss=loss,
-                         metrics=jax.lax.stop_gradient(metrics))
+  return QuantizerOutput(quantized=quantized.astype(u.dtype), codes=codes, indices=indices,
+                         loss=loss, metrics=jax.lax.stop_gradient(metrics))

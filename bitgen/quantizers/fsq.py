@@ -113,17 +113,15 @@ def quantize(z: jax.Array, config: FSQConfig, *, compute_loss: bool = True) -> Q
   del compute_loss
   ops.check_last_dim(z, config.dim, "FSQ")
   _, half_width = _level_arrays(config)
-  bounded = bound(z, config)
+  bounded = bound(ops.at_least_float32(z), config)  # as the official force_quantization_f32
   rounded = jnp.round(bounded)  # half to even, like torch.round
-  quantized = ops.straight_through(bounded, rounded) / half_width
+  quantized = (ops.straight_through(bounded, rounded) / half_width).astype(z.dtype)
   digits = rounded.astype(jnp.int32) + half_width
   fits = config.codebook_size <= 2 ** bits_lib.MAX_INDEX_BITS
   indices = jnp.sum(digits * jnp.asarray(config.basis, jnp.int32), axis=-1) if fits else None
-  distinct = stats.count_distinct_rows(indices[..., None] if fits else digits)
   metrics = {
       "level_entropy": stats.level_entropy(digits, config.levels),
-      "distinct_codes": distinct,
-      "code_usage": distinct.astype(jnp.float32) / jnp.float32(config.codebook_size),
+      **stats.code_usage(indices[..., None] if fits else digits, config.codebook_size),
   }
   return QuantizerOutput(quantized=quantized, codes=digits, indices=indices,
-                         loss=jnp.zeros((), z.dtype), metrics=jax.lax.stop_gradient(metrics))
+                         loss=jnp.zeros((), jnp.float32), metrics=jax.lax.stop_gradient(metrics))

@@ -208,6 +208,8 @@ def factorized_indices(bits: jax.Array, split: tuple[int, ...], order: bits_lib.
 def quantize(x: jax.Array, config: LFQConfig, *, compute_loss: bool = True) -> QuantizerOutput:
   """Quantizes x (..., L). With compute_loss=False the loss is 0 and only usage metrics are kept."""
   ops.check_last_dim(x, config.num_bits, "LFQ")
+  input_dtype = x.dtype
+  x = ops.at_least_float32(x)  # as the official force_quantization_f32
   if config.spherical:
     x = ops.l2_normalize(x)
   codes = bits_lib.signs_to_bits(x)
@@ -223,5 +225,5 @@ def quantize(x: jax.Array, config: LFQConfig, *, compute_loss: bool = True) -> Q
     entropy_aux = config.sample_entropy_weight * persample - config.diversity_gamma * codebook
     loss = config.entropy_loss_weight * entropy_aux + config.commitment_loss_weight * commitment
     metrics.update(commitment=commitment, persample_entropy=persample, codebook_entropy=codebook)
-  return QuantizerOutput(quantized=quantized, codes=codes, indices=indices, loss=loss,
-                         metrics=jax.lax.stop_gradient(metrics))
+  return QuantizerOutput(quantized=quantized.astype(input_dtype), codes=codes, indices=indices,
+                         loss=loss, metrics=jax.lax.stop_gradient(metrics))

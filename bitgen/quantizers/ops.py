@@ -28,6 +28,11 @@ def sign_values(x: jax.Array) -> jax.Array:
   return jnp.where(x > 0, jnp.ones_like(x), -jnp.ones_like(x))
 
 
+def at_least_float32(x: jax.Array) -> jax.Array:
+  """x in float32 (or wider): the quantizers' losses and thresholds are computed there."""
+  return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+
+
 def check_last_dim(x: jax.Array, dim: int, who: str) -> None:
   """One clear error for a wrong channel count or a non-float input."""
   if x.ndim < 1 or x.shape[-1] != dim:

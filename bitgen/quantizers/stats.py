@@ -4,6 +4,8 @@ Every quantizer reports these in `QuantizerOutput.metrics`; evaluation code can 
 on the codes of a whole held-out set.
 """
 
+import math
+
 import jax
 import jax.numpy as jnp
 
@@ -43,13 +45,18 @@ def count_distinct_rows(keys: jax.Array) -> jax.Array:
   return 1 + jnp.sum(changes, dtype=jnp.int32)
 
 
-def binary_code_usage(bits: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """(..., L) bits -> (distinct codes, distinct / 2**L): works for any L via packed words."""
-  distinct = count_distinct_rows(bits_lib.pack_bits(bits))
-  return distinct, distinct.astype(jnp.float32) / jnp.float32(2.0 ** bits.shape[-1])
+def code_usage(keys: jax.Array, codebook_size: float) -> dict[str, jax.Array]:
+  """Distinct codes among the rows of keys (..., K), and code_usage = distinct / min(codes, size).
+
+  The denominator is what a batch can reach at most (as `bitgen.eval.metrics.code_statistics`).
+  """
+  distinct = count_distinct_rows(keys)
+  num_codes = math.prod(keys.shape[:-1])
+  return {"distinct_codes": distinct,
+          "code_usage": distinct.astype(jnp.float32) / jnp.float32(min(num_codes, codebook_size))}
 
 
 def usage_metrics(bits: jax.Array) -> dict[str, jax.Array]:
-  """The usage statistics of binary codes, as named in `QuantizerOutput.metrics`."""
-  distinct, usage = binary_code_usage(bits)
-  return {"bit_entropy": bit_entropy(bits), "distinct_codes": distinct, "code_usage": usage}
+  """The usage statistics of binary codes (..., L), as named in `QuantizerOutput.metrics`."""
+  return {"bit_entropy": bit_entropy(bits),
+          **code_usage(bits_lib.pack_bits(bits), 2.0 ** bits.shape[-1])}
