@@ -153,3 +153,18 @@ def test_bad_input():
     quantizers.build({"name": "bsq", "num_bits": 18, "bogus": 1})
   with pytest.raises(ValueError, match="unknown quantizer name 'vq'"):
     quantizers.build({"name": "vq", "num_bits": 18})
+
+
+def test_unscaled_codes_and_lsb_indices():
+  """l2_norm=False: codes +-1 and analytical p = sigmoid(-4 tau u); bit_order='lsb' indices."""
+  config = bsq.BSQConfig(num_bits=6, group_size=3, persample_entropy="analytical", l2_norm=False,
+                         inv_temperature=2.0, bit_order="lsb")
+  u = jax.random.normal(jax.random.key(5), (4, 6))
+  out = bsq.quantize(u, config)
+  np.testing.assert_array_equal(out.quantized, np.where(u > 0, 1.0, -1.0))
+  np.testing.assert_array_equal(out.indices, np.sum(np.asarray(out.codes) << np.arange(6), axis=-1))
+  np.testing.assert_array_equal(bsq.decode_indices(out.indices, config), out.quantized)
+  p = jax.nn.sigmoid(-8.0 * u)
+  binary = lambda q: -(q * np.log(q + 1e-8) + (1 - q) * np.log(1 - q + 1e-8))
+  np.testing.assert_allclose(out.metrics["persample_entropy"], binary(p).sum(-1).mean(), atol=1e-5)
+  np.testing.assert_allclose(out.metrics["codebook_entropy"], binary(p.mean(0)).sum(), atol=1e-5)
