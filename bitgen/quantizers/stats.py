@@ -51,9 +51,9 @@ def code_usage(keys: jax.Array, codebook_size: float) -> dict[str, jax.Array]:
   The denominator is what a batch can reach at most (as `bitgen.eval.metrics.code_statistics`).
   """
   distinct = count_distinct_rows(keys)
-  num_codes = math.prod(keys.shape[:-1])
+  reachable = max(1, min(math.prod(keys.shape[:-1]), codebook_size))
   return {"distinct_codes": distinct,
-          "code_usage": distinct.astype(jnp.float32) / jnp.float32(min(num_codes, codebook_size))}
+          "code_usage": distinct.astype(jnp.float32) / jnp.float32(reachable)}
 
 
 def usage_metrics(bits: jax.Array) -> dict[str, jax.Array]:
