@@ -47,7 +47,8 @@ def test_parity_with_official_autoencoder(fixture, loaded):
     features = model.encode_features(images)
     out = model.quantize(model.encode_probs(images))
     recon, _ = model(images)
-    return features, model.encode_probs(images), out, model.embed_bits(out.quantized), recon, model.decode(bits)
+    return (features, model.encode_probs(images), out, model.embed_bits(out.quantized), recon,
+            model.decode(bits))
 
   features, probs, out, z_q, recon, from_code = run(
       loaded, jnp.asarray(nhwc(io["ae_input_images"])), jnp.asarray(nhwc(io["ae_bits"])))

@@ -72,7 +72,8 @@ def test_bare_transformer_state_dict_loads_the_same(fixture, loaded):
 
 
 def test_gradients_reach_every_parameter():
-  model = den_lib.Denoiser(tiny_config(latent_size=2, num_bits=4, width=8, heads=2, depth=1), rngs=nnx.Rngs(0))
+  config = tiny_config(latent_size=2, num_bits=4, width=8, heads=2, depth=1)
+  model = den_lib.Denoiser(config, rngs=nnx.Rngs(0))
   bits = jax.random.bernoulli(jax.random.key(0), 0.5, (2, 4, 4)).astype(jnp.uint8)
 
   def loss_fn(m):

@@ -74,9 +74,11 @@ def test_loss_variants():
   t = jnp.array([1, 9])
   x0_logits = bd.flip_to_x0_logits(logits, x_t)
   plain, _ = bd.diffusion_loss(logits, x0, x_t, t, total_steps=16, loss_type="plain")
-  np.testing.assert_allclose(plain, jnp.mean(bd.bce_with_logits(x0_logits, x0.astype(jnp.float32))), rtol=1e-6)
-  per_sample = jnp.mean(bd.bce_with_logits(x0_logits, x0.astype(jnp.float32)), axis=(1, 2))
-  weighted, _ = bd.diffusion_loss(logits, x0, x_t, t, total_steps=16, loss_type="plain", loss_final="weighted")
+  bce = bd.bce_with_logits(x0_logits, x0.astype(jnp.float32))
+  np.testing.assert_allclose(plain, jnp.mean(bce), rtol=1e-6)
+  weighted, _ = bd.diffusion_loss(logits, x0, x_t, t, total_steps=16, loss_type="plain",
+                                  loss_final="weighted")
+  per_sample = jnp.mean(bce, axis=(1, 2))
   np.testing.assert_allclose(weighted, jnp.mean(per_sample * jnp.array([1.0, 1 - 8 / 16])), rtol=1e-6)
   # Balanced: each class's summed weight equals the other class's count times its own count / n.
   flips = np.logical_xor(np.asarray(x0), np.asarray(x_t))
