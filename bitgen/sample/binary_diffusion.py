@@ -115,6 +115,8 @@ def diffusion_loss(
     x_0, each sample's terms weighted by the other class's frequency: positives by 1 - f, negatives
     by f, f = fraction of positive targets in the sample (the official `focal_loss(alpha=-1)`).
   plain: unweighted BCE of the x_0 logits against x_0.
+  (Without p_flip the reference passes alpha=focal to `focal_loss`, i.e. no class balance for
+  focal=0; here `balanced` always balances, so use `plain` to reproduce that run.)
   loss_final: mean, or weighted by 1 - (t - 1) / T per sample.
   metrics: bce_loss (unweighted mean), acc (fraction of bits with (x_0 logit > 0) == x_0).
   """
