@@ -119,8 +119,8 @@ def run(shapes, trials: int, copies: int, implementation: str = "auto"):
     key, kx, kw = jax.random.split(key, 3)
     _check(m, k, n, m + k + n, implementation)
     scales = (jnp.ones((m,), jnp.float32) / 127, jnp.ones((n,), jnp.float32) / 127)
-    # Enough copies that they overflow L2 (50 MB), at most ~8 GiB of weights.
-    copies_here = max(4, min(copies, (8 << 30) // (2 * n * k)))
+    # Enough copies that they overflow L2 (50 MB), at most ~1 GiB of bf16 weights.
+    copies_here = max(4, min(copies, (1 << 30) // (2 * n * k)))
     weight_sets = {}
     for label, (fn, w_kind, x_kind) in _implementations(m, k, n, scales, implementation).items():
       if w_kind not in weight_sets:
@@ -150,7 +150,7 @@ def sweep(trials: int, copies: int):
   for (m, k, n), kind, configs in cases:
     x = _operand("int8", (m, k), key)
     x_scale, w_scale = jnp.ones((m,), jnp.float32), jnp.ones((n,), jnp.float32)
-    weights = _weights(kind, n, k, max(4, min(copies, (8 << 30) // (2 * n * k))), key)
+    weights = _weights(kind, n, k, max(4, min(copies, (1 << 30) // (2 * n * k))), key)
     for config in configs:
       fn = lambda x, w, c=config: gpu.matmul(x, w, x_scale, w_scale, out_dtype=jnp.bfloat16, config=c)
       try:

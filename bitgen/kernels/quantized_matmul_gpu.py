@@ -70,8 +70,9 @@ def default_config(m: int, k: int, n: int, ternary: bool) -> GemvConfig | GemmCo
       g = ternary_pack.group_words(k)
       if g < _MIN_DOT_K:
         return f"ternary GEMV needs packing groups of >= {_MIN_DOT_K} words (K a multiple of 512), got K={k}"
-      split = _gemv_split(k, n, block_n, ternary_pack.VALUES_PER_WORD * g)
-      return GemvConfig(block_n=block_n, block_k=ternary_pack.VALUES_PER_WORD * min(g, 32), split_k=split)
+      return GemvConfig(block_n=min(block_n, 64), block_k=ternary_pack.VALUES_PER_WORD * min(g, 64),
+                        split_k=_gemv_split(k, n, min(block_n, 64), ternary_pack.VALUES_PER_WORD * g),
+                        num_warps=8)
     block_k = _largest_dividing(k, (256, 128, 64, 32))
     if block_k is None:
       return f"int8 GEMV needs K a multiple of 32, got K={k}"
