@@ -8,9 +8,10 @@ import importlib
 import importlib.util
 import pathlib
 from collections.abc import Mapping, Sequence
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
-import ml_collections
+if TYPE_CHECKING:
+  import ml_collections
 
 T = TypeVar("T")
 
@@ -34,7 +35,7 @@ def from_dict(cls: type[T], values: Mapping[str, Any], *, where: str = "config")
   return cls(**values)
 
 
-def load_config(spec: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
+def load_config(spec: str, overrides: Sequence[str] = ()) -> "ml_collections.ConfigDict":
   """Loads `NAME[:ARG]` (a module of `configs/`) or `path/to/file.py[:ARG]` via its `get_config(arg)`.
 
   `overrides` are `dotted.key=value` strings; values are Python literals (strings may be bare).
@@ -59,7 +60,9 @@ def load_config(spec: str, overrides: Sequence[str] = ()) -> ml_collections.Conf
   return config
 
 
-def apply_override(config: ml_collections.ConfigDict, override: str) -> None:
+def apply_override(config: "ml_collections.ConfigDict", override: str) -> None:
+  import ml_collections  # pylint: disable=g-import-not-at-top  (models import this module; keep them free of it)
+
   key, sep, text = override.partition("=")
   if not sep:
     raise ValueError(f"override {override!r} must look like key=value")

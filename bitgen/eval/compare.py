@@ -11,24 +11,14 @@ import jax
 from bitgen.eval.tokenizer import evaluate_result
 
 
-def quantizer_at_bits(name: str, num_bits: int) -> dict[str, Any]:
-  """The quantizer config of `name` spending `num_bits` bits per token (defaults otherwise)."""
-  if name in ("bsq", "lfq"):
-    return {"name": name, "num_bits": num_bits}
-  if name == "fsq":
-    if num_bits % 2:
-      raise ValueError(f"FSQ at equal bits uses 4-level channels (2 bits each): {num_bits} is odd")
-    return {"name": "fsq", "levels": [4] * (num_bits // 2)}
-  raise ValueError(f"unknown quantizer {name!r}; compare knows bsq, lfq, fsq")
-
-
 def variant(config, name: str):
   """`config` with its tokenizer's quantizer swapped for `name` at the same number of bits."""
   config = copy.deepcopy(config)
   quantizer = config.model.quantizer
   if quantizer.name != name:
     with config.model.unlocked():
-      config.model.quantizer = quantizer_at_bits(name, int(quantizer.num_bits))
+      # Each quantizer's defaults at this many bits (FSQ: 4 levels per 2 bits, see fsq.levels_for_bits).
+      config.model.quantizer = {"name": name, "num_bits": int(quantizer.num_bits)}
       # Only BSQ works on the unit sphere; LFQ and FSQ take the raw projection, as in their papers.
       config.model.l2_normalize = name == "bsq"
   return config
