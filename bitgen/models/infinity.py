@@ -140,17 +140,31 @@ class Infinity(nnx.Module):
 
   # -- conditioning -------------------------------------------------------------------------------
 
-  def _check_text(self, text: jax.Array, lengths: jax.Array) -> None:
+  def check_condition(self, *, text: jax.Array | None = None, text_lengths: jax.Array | None = None,
+                      labels: jax.Array | None = None) -> None:
+    """Raises a clear error for a wrong kind of condition, bad shapes, or lengths/labels out of range.
+
+    Values are checked where they are concrete (call it outside `jit` to check traced inputs).
+    """
     c = self.config
+    if c.num_classes:
+      if labels is None or text is not None or text_lengths is not None:
+        raise ValueError("a class-conditional Infinity takes labels=..., not text")
+      values = _concrete(labels)
+      if values is not None and (values.min() < 0 or values.max() >= c.num_classes):
+        raise ValueError(f"class labels must lie in [0, {c.num_classes}), got {values.tolist()}")
+      return
+    if text is None or text_lengths is None or labels is not None:
+      raise ValueError("a text-conditional Infinity takes text=... and text_lengths=..., not labels")
     if text.ndim != 3 or text.shape[-1] != c.text_channels:
       raise ValueError(f"text features must be (B, S, {c.text_channels}), got {tuple(text.shape)}")
-    if lengths.shape != text.shape[:1]:
+    if jnp.shape(text_lengths) != text.shape[:1]:
       raise ValueError(f"text lengths must be ({text.shape[0]},) for {text.shape[0]} captions, "
-                       f"got {tuple(lengths.shape)}")
+                       f"got {tuple(jnp.shape(text_lengths))}")
     if text.shape[1] > c.max_text_len:
       raise ValueError(f"text of {text.shape[1]} tokens exceeds text_maxlen={c.max_text_len} "
                        "(the null caption cfg_uncond has that many rows)")
-    values = _concrete(lengths)
+    values = _concrete(text_lengths)
     if values is not None and (values.min() < 1 or values.max() > text.shape[1]):
       raise ValueError(f"text lengths must lie in [1, {text.shape[1]}] (the padded text length), "
                        f"got {values.tolist()}")
@@ -158,19 +172,11 @@ class Infinity(nnx.Module):
   def condition(self, *, text: jax.Array | None = None, text_lengths: jax.Array | None = None,
                 labels: jax.Array | None = None, drop: jax.Array | None = None) -> Condition:
     """Text features [B, S, Ct5] + lengths [B], or class labels [B]; `drop` [B] bool -> null caption."""
-    c = self.config
-    if c.num_classes:
-      if labels is None or text is not None:
-        raise ValueError("a class-conditional Infinity takes labels=..., not text")
-      values = _concrete(labels)
-      if values is not None and (values.min() < 0 or values.max() >= c.num_classes):
-        raise ValueError(f"class labels must lie in [0, {c.num_classes}), got {values.tolist()}")
+    self.check_condition(text=text, text_lengths=text_lengths, labels=labels)
+    if self.config.num_classes:
       text = self.class_emb[...][labels][:, None, :]
       text_lengths = jnp.ones(labels.shape, jnp.int32)
-    elif text is None or text_lengths is None or labels is not None:
-      raise ValueError("a text-conditional Infinity takes text=... and text_lengths=..., not labels")
     text_lengths = jnp.asarray(text_lengths)
-    self._check_text(text, text_lengths)
     if drop is not None:
       null = self.cfg_uncond[...][:text.shape[1]]
       text = jnp.where(jnp.asarray(drop)[:, None, None], null[None], text)

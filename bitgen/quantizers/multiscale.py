@@ -191,3 +191,19 @@ def next_scale_input(summed_codes: jax.Array, grid: Grid) -> jax.Array:
   """Transformer input of the next scale: bilinear resize of the running code sum -> (B, h*w, d)."""
   x = bilinear_resize(summed_codes, grid)
   return x.reshape(x.shape[0], -1, x.shape[-1])
+
+
+def patchify(x: jax.Array) -> jax.Array:
+  """[B, 2h, 2w, C] -> [B, h, w, 4C], channel c * 4 + 2i + j (PyTorch `pixel_unshuffle(x, 2)`)."""
+  b, h2, w2, c = x.shape
+  if h2 % 2 or w2 % 2:
+    raise ValueError(f"patchify needs an even grid, got {h2}x{w2}")
+  x = x.reshape(b, h2 // 2, 2, w2 // 2, 2, c).transpose(0, 1, 3, 5, 2, 4)
+  return x.reshape(b, h2 // 2, w2 // 2, 4 * c)
+
+
+def unpatchify(x: jax.Array) -> jax.Array:
+  """Inverse of `patchify` (PyTorch `pixel_shuffle(x, 2)`): [B, h, w, 4C] -> [B, 2h, 2w, C]."""
+  b, h, w, c4 = x.shape
+  x = x.reshape(b, h, w, c4 // 4, 2, 2).transpose(0, 1, 4, 2, 5, 3)
+  return x.reshape(b, 2 * h, 2 * w, c4 // 4)
