@@ -123,6 +123,26 @@ def bench_decode(batch, rows):
   del k, v, k_bits
 
 
+def tune(spec: str):
+  """One GpuTuning ("block_q,block_kv,steps,schedule") at B=4 T=4096 N=16, H=64 and 128, both
+  masks: kernel-only ms and max |err| against the f32 reference (a wrong config shows here)."""
+  block_q, block_kv, steps, schedule = (int(x) for x in spec.split(","))
+  tuning = ba.GpuTuning(block_q, block_kv, steps, bool(schedule))
+  for head_dim in (64, 128):
+    for causal in (False, True):
+      keys = jax.random.split(jax.random.key(head_dim), 3)
+      q, k, v = (jax.random.normal(key, (4, 4096, 16, head_dim), jnp.bfloat16) for key in keys)
+      qs, qsc = ba.binarize(q, "per_head")
+      ks, ksc = ba.binarize(k, "per_head")
+      fn = jax.jit(functools.partial(ba._gpu_forward, causal=causal, tuning=tuning))
+      ms = time_ms(fn, qs, qsc, ks, ksc, v, None)
+      out = fn(qs, qsc, ks, ksc, v, None)[:1].astype(jnp.float32)
+      f32 = [x[:1].astype(jnp.float32) for x in (q, k, v)]
+      ref = ba.binary_attention_reference(*f32, mask="causal" if causal else None)
+      print(f"tune {spec} H={head_dim} causal={causal}: {ms:.3f} ms, "
+            f"max err {float(jnp.abs(out - ref).max()):.2e}", flush=True)
+
+
 def _table(header, rows):
   lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
   return "\n".join(lines + ["| " + " | ".join(map(str, r)) + " |" for r in rows])
@@ -132,7 +152,10 @@ def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--quick", action="store_true", help="first prefill shape, decode B=8 only")
   parser.add_argument("--out", help="also write the markdown tables to this file")
+  parser.add_argument("--tune", help="time one GPU kernel tuning: block_q,block_kv,steps,schedule")
   args = parser.parse_args(argv)
+  if args.tune:
+    return tune(args.tune)
   device = jax.devices()[0]
   header = (f"device: {device.device_kind} ({jax.default_backend()}), jax {jax.__version__}, "
             f"date {datetime.date.today().isoformat()}")

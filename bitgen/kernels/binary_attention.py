@@ -367,6 +367,9 @@ class GpuTuning:
   block_q: int = 64
   block_kv: int = 64
   max_concurrent_steps: int = 2
+  # Ping-pong the two compute warpgroups (one runs its softmax while the other uses the tensor
+  # cores), through a 2-arrival rendezvous barrier, as FlashAttention-3 does.
+  schedule_barrier: bool = True
 
 
 GPU_TUNING = GpuTuning()
@@ -408,6 +411,10 @@ def _gpu_forward(q_sign, q_scale, k_sign, k_scale, v, segments, *, causal,
   dtype = v.dtype
   row, col = _kernel_factors(q_scale, k_scale, batch, q_len, kv_len, heads, head_dim)
   row = row * math.log2(math.e)  # [B, N, T]
+  # A per-head query scale is one number per (batch, head): fold it into the column factor.
+  row_scaled = q_scale.shape[1] != 1
+  if not row_scaled:
+    col = col * row[..., :1]
   q_i8, k_i8 = q_sign.astype(jnp.int8), k_sign.astype(jnp.int8)
   num_kv_blocks = kv_len // block_kv
 
@@ -415,7 +422,12 @@ def _gpu_forward(q_sign, q_scale, k_sign, k_scale, v, segments, *, causal,
     b, n, tile = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("q_seq")
     wg = lax.axis_index("wg")
     (q_smem2, o_smem2, row_smem2, k_smem, v_smem, col_smem), barriers = scoped
-    q_barriers, k_barriers, v_barriers, col_barriers, k_consumed, v_consumed = barriers
+    q_barriers, k_barriers, v_barriers, col_barriers, k_consumed, v_consumed, schedule = barriers
+
+    def rendezvous():
+      if tuning.schedule_barrier:
+        plgpu.barrier_arrive(schedule)
+        plgpu.barrier_wait(schedule)
     if causal:
       max_kv_steps = pl.cdiv((tile + 1) * (2 * block_q), jnp.array(block_kv, jnp.int32))
     else:
@@ -427,11 +439,12 @@ def _gpu_forward(q_sign, q_scale, k_sign, k_scale, v, segments, *, causal,
       q_smem, o_smem, row_smem = q_smem2.at[wg], o_smem2.at[wg], row_smem2.at[wg]
       q_base = tile * (2 * block_q) + wg * block_q
       plgpu.copy_gmem_to_smem(q_ref.at[b, pl.ds(q_base, block_q), n], q_smem, q_barriers.at[wg])
-      plgpu.copy_gmem_to_smem(row_ref.at[b, n, pl.ds(q_base, block_q)], row_smem,
-                              q_barriers.at[2 + wg])
       plgpu.barrier_wait(q_barriers.at[wg])
-      plgpu.barrier_wait(q_barriers.at[2 + wg])
-      row_factor = plgpu.load(row_smem, layout=plgpu.Layout.WGMMA.reduce(1))
+      if row_scaled:
+        plgpu.copy_gmem_to_smem(row_ref.at[b, n, pl.ds(q_base, block_q)], row_smem,
+                                q_barriers.at[2 + wg])
+        plgpu.barrier_wait(q_barriers.at[2 + wg])
+        row_factor = plgpu.load(row_smem, layout=plgpu.Layout.WGMMA.reduce(1))
       m_i = plgpu.layout_cast(jnp.full((block_q,), -jnp.inf, jnp.float32),
                               plgpu.Layout.WGMMA.reduce(1))
       l_i = plgpu.layout_cast(jnp.full((block_q,), 0, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
@@ -447,13 +460,15 @@ def _gpu_forward(q_sign, q_scale, k_sign, k_scale, v, segments, *, causal,
 
         def scores(acc_ref):  # 1. [block_q, block_kv] int32
           plgpu.wgmma(acc_ref, q_smem, k_smem.at[slot].transpose((1, 0)))
+          rendezvous()
           return acc_ref[...]
         dots = pl.run_scoped(scores, plgpu.ACC((block_q, block_kv), jnp.int32))
         col_factor = plgpu.load(col_smem.at[slot], layout=plgpu.Layout.WGMMA.reduce(0))
         plgpu.barrier_arrive(k_consumed.at[slot])
         # 2. logits * log2(e) = dots * col_factor[j] * row_factor[i], then the causal mask.
-        s = (dots.astype(jnp.float32) * lax.broadcast_in_dim(col_factor, dots.shape, [1])
-             * lax.broadcast_in_dim(row_factor, dots.shape, [0]))
+        s = dots.astype(jnp.float32) * lax.broadcast_in_dim(col_factor, dots.shape, [1])
+        if row_scaled:
+          s = s * lax.broadcast_in_dim(row_factor, dots.shape, [0])
         if masked:
           q_ids = plgpu.broadcasted_iota(jnp.int32, dots.shape, 0, layout=plgpu.Layout.WGMMA)
           kv_ids = plgpu.broadcasted_iota(jnp.int32, dots.shape, 1, layout=plgpu.Layout.WGMMA)
@@ -464,7 +479,11 @@ def _gpu_forward(q_sign, q_scale, k_sign, k_scale, v, segments, *, causal,
         p = jnp.exp2(s - lax.broadcast_in_dim(m_new, s.shape, [0]))
         l_i = l_i * alpha + p.sum(axis=1)
         acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+        if tuning.schedule_barrier:
+          plgpu.barrier_arrive(schedule)  # softmax done: hand the tensor cores over
         plgpu.barrier_wait(v_barriers.at[slot])
+        if tuning.schedule_barrier:
+          plgpu.barrier_wait(schedule)
 
         def pv(acc_ref):
           plgpu.wgmma(acc_ref, p.astype(dtype), v_smem.at[slot])
@@ -473,6 +492,7 @@ def _gpu_forward(q_sign, q_scale, k_sign, k_scale, v, segments, *, causal,
         return acc, m_new, l_i
 
       carry = (acc, m_i, l_i)
+      pl.when(wg == 1)(rendezvous)  # offsets the two warpgroups by half an iteration
       if causal:
         full_steps = lax.div(q_base, jnp.array(block_kv, jnp.int32))
         carry = lax.fori_loop(0, full_steps, kv_step, carry)
@@ -483,8 +503,11 @@ def _gpu_forward(q_sign, q_scale, k_sign, k_scale, v, segments, *, causal,
           slot = lax.rem(step, jnp.array(steps, step.dtype))
           plgpu.barrier_arrive(k_consumed.at[slot])
           plgpu.barrier_arrive(v_consumed.at[slot])
+          rendezvous()
+          rendezvous()
       else:
         carry = lax.fori_loop(0, kv_steps, kv_step, carry)
+      pl.when(wg == 0)(rendezvous)
       acc, m_i, l_i = carry
       acc = acc / lax.broadcast_in_dim(l_i, acc.shape, [0])
       o_smem[...] = acc.astype(dtype)
@@ -523,7 +546,8 @@ def _gpu_forward(q_sign, q_scale, k_sign, k_scale, v, segments, *, causal,
             plgpu.SMEM((steps, block_kv), jnp.float32))
     barriers = (plgpu.Barrier(num_barriers=4),
                 *(plgpu.Barrier(num_barriers=steps) for _ in range(3)),
-                *(plgpu.Barrier(num_arrivals=2, num_barriers=steps) for _ in range(2)))
+                *(plgpu.Barrier(num_arrivals=2, num_barriers=steps) for _ in range(2)),
+                plgpu.Barrier(num_arrivals=2))
     pl.run_scoped(lambda *scoped: kernel(q_ref, k_ref, v_ref, row_ref, col_ref, out_ref,
                                          (scoped[:6], scoped[6:])),
                   *smem, *barriers, collective_axes="wg")
