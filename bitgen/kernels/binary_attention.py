@@ -527,7 +527,7 @@ def _gpu_forward(q_sign, q_scale, k_sign, k_scale, v, segments, *, causal,
         plgpu.copy_gmem_to_smem(v_ref.at[kv], v_smem.at[slot], v_barriers.at[slot])
 
       for i in range(steps):
-        load(i, i)
+        pl.when(i < max_kv_steps)(functools.partial(load, i, i))
 
       @pl.loop(0, max_kv_steps - steps)
       def _stream(step):
