@@ -138,3 +138,13 @@ def schedule_for_resolution(height: int, width: int) -> Schedule:
                   for g in FULL_GRIDS.values() for n in PN_NUM_SCALES.values()})
   raise ValueError(f"no official Infinity scale schedule for {height}x{width} images; "
                    f"supported (height, width): {valid}")
+
+
+def grids_for_latent(height: int, width: int) -> tuple[tuple[int, int], ...]:
+  """Scale grids ending at a latent grid of height x width: the prefix of the official table of the
+  nearest ratio that reaches it (e.g. 16x16 -> the 7 scales of 256x256; 8x8 -> 5 scales)."""
+  for ratio in sorted(FULL_GRIDS, key=lambda r: abs(r - height / width)):
+    grids = FULL_GRIDS[ratio]
+    if (height, width) in grids:
+      return grids[:grids.index((height, width)) + 1]
+  raise ValueError(f"no official scale schedule reaches a {height}x{width} latent grid; pass the grids explicitly")

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from bitgen.models import infinity_schedules
 from bitgen.parallel.axes import with_axes
 from bitgen.quantizers import multiscale
 from bitgen.quantizers.base import QuantizerOutput
@@ -219,9 +220,15 @@ class InfinityVAE(nnx.Module):
     self._check_images(x)
     return self.encoder(x)
 
-  def encode(self, x: jax.Array, grids: Sequence[tuple[int, int]], **loss_kwargs) -> QuantizerOutput:
-    """Images -> multi-scale quantizer output (quantized latent, (B, L, d) bit labels, loss)."""
-    return multiscale.multiscale_quantize(self.encode_features(x), grids, **loss_kwargs)
+  def encode(self, x: jax.Array, grids: Sequence[tuple[int, int]] | None = None, **loss_kwargs) -> QuantizerOutput:
+    """Images -> multi-scale quantizer output (quantized latent, (B, L, d) bit labels, loss).
+
+    grids: the scales (h, w), ending at the latent grid; default: the official prefix reaching it.
+    """
+    features = self.encode_features(x)
+    if grids is None:
+      grids = infinity_schedules.grids_for_latent(*features.shape[1:3])
+    return multiscale.multiscale_quantize(features, grids, **loss_kwargs)
 
   def decode(self, z: jax.Array) -> jax.Array:
     """Latents [B, h, w, d] -> images clipped to [-1, 1] (official `decode`)."""
@@ -238,7 +245,7 @@ class InfinityVAE(nnx.Module):
     latent_hw = bits_per_scale[-1].shape[1:3]
     return self.decode(multiscale.codes_from_bits(bits_per_scale, latent_hw))
 
-  def __call__(self, x: jax.Array, grids: Sequence[tuple[int, int]], **loss_kwargs):
+  def __call__(self, x: jax.Array, grids: Sequence[tuple[int, int]] | None = None, **loss_kwargs):
     """Training forward: (unclamped reconstruction [B, H, W, 3], quantizer output)."""
     out = self.encode(x, grids, **loss_kwargs)
     return self.decoder(out.quantized), out

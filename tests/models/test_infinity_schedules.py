@@ -38,3 +38,11 @@ def test_unknown_schedules_raise():
   with pytest.raises(ValueError, match="out of range"):
     sched.schedule_for(1.0, "0.06M").prefix(8)
   assert sched.nearest_ratio(1.1) == 1.0 and sched.nearest_ratio(0.7) == 0.666
+  with pytest.raises(ValueError, match="reaches a 7x7 latent"):
+    sched.grids_for_latent(7, 7)
+
+
+def test_default_grids_for_a_latent():
+  assert sched.grids_for_latent(16, 16) == sched.schedule_for_resolution(256, 256).grids
+  assert sched.grids_for_latent(8, 8) == ((1, 1), (2, 2), (4, 4), (6, 6), (8, 8))
+  assert sched.grids_for_latent(10, 8) == sched.FULL_GRIDS[1.25][:5]

@@ -49,7 +49,7 @@ def test_forward_matches_official(vae, io):
   @nnx.jit
   def run(model, x):
     features = model.encode_features(x)
-    recon, out = model(x, GRIDS)
+    recon, out = model(x)  # default scales for an 8x8 latent: the fixture's GRIDS
     bits = multiscale.split_scales(out.codes, GRIDS)
     return features, recon, out.quantized, bits, model.decode_bits(bits)
 

@@ -83,6 +83,20 @@ def test_sampling_is_deterministic_given_key():
   assert [x.shape for x in a.bits] == [(2, 1, 1, 4), (2, 2, 2, 4), (2, 4, 4, 4)]
 
 
+def test_repeated_calls_do_not_retrace(monkeypatch):
+  config = InfinityConfig(embed_dim=32, depth=1, num_heads=2, num_bits=4, text_channels=128,
+                          text_maxlen=1, num_classes=3)
+  model = Infinity(config, rngs=nnx.Rngs(0))
+  schedule = schedules.schedule_for(1.0, "0.06M").prefix(2)
+  traced = []
+  step = next_scale._scale_step
+  monkeypatch.setattr(next_scale, "_scale_step", lambda *a, **k: traced.append(1) or step(*a, **k))
+  labels = jnp.array([0, 1])
+  for i, (cfg, tau) in enumerate([(3.0, 1.0), (1.5, 0.7), ([2.0, 4.0], [1.0, 0.5])]):
+    next_scale.generate(model, schedule, jax.random.key(i), labels=labels, cfg=cfg, tau=tau)
+  assert len(traced) == schedule.num_scales  # one trace for every call with this schedule and batch
+
+
 def test_filter_logits():
   logits = jnp.array([[0.0, 1.0, 3.0, 2.0]])
   np.testing.assert_array_equal(np.isinf(next_scale.filter_logits(logits, top_k=2)), [[1, 1, 0, 0]])
