@@ -50,6 +50,7 @@ def build_task(config) -> Task:
 
 
 def _train_iterator(config, batch_size: int):
+  """This process's iterator over the training batches; `batch_size` is global."""
   from bitgen import data  # pylint: disable=g-import-not-at-top
   pipeline = data.make_pipeline(config.data, split="train", batch_size=batch_size,
                                 seed=config.train.seed)
@@ -93,8 +94,8 @@ def run(config: Mapping[str, Any], workdir: str | pathlib.Path, *, task: Task | 
   graphdef, state, shardings = create_train_state(
       lambda: task.build_model(nnx.Rngs(train.seed)), tx, mesh=mesh, rules=rules,
       seed=train.seed, use_ema=bool(train.ema_decay))
-  batches = train_data if train_data is not None else _train_iterator(
-      config, parallel.per_process_batch_size(train.batch_size))
+  parallel.per_process_batch_size(train.batch_size)  # checks the split over processes
+  batches = train_data if train_data is not None else _train_iterator(config, train.batch_size)
 
   ckpt = config.checkpoint
   checkpointer = Checkpointer(workdir / "checkpoints", every=ckpt.every, keep=ckpt.keep,

@@ -9,6 +9,8 @@ import sys
 
 import pytest
 
+import fixtures
+
 HERE = pathlib.Path(__file__).resolve().parent
 
 
@@ -21,7 +23,7 @@ def _free_port() -> int:
 @pytest.mark.multiprocess
 def test_two_processes_train_checkpoint_and_restore(tmp_path):
   port = _free_port()
-  env = {**os.environ, "JAX_PLATFORMS": "cpu",
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "BITGEN_TEST_PHOTOS_DIR": fixtures.photos_dir(),
          "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
          "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")])}
   procs = [
@@ -45,12 +47,10 @@ def test_two_processes_train_checkpoint_and_restore(tmp_path):
   for report in reports:
     assert report["process_count"] == 2 and report["devices"] == 4
     assert report["local_devices"] == 2
-    assert report["first_steps"] == [1, 2]
-    assert report["second_steps"] == [3, 4]  # resumed from the step-2 checkpoint
-    assert report["step"] == 4
+    assert report["steps"] == [1, 2]
+    assert report["restored_step"] == 2 and report["restored_equal"]
+    assert report["data_state"] == report["saved_data_state"] != report["fresh_data_state"]
   assert reports[0]["loss"] == reports[1]["loss"]  # one global loss
-  saved = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.isdigit())
-  assert saved == ["2", "4"]
-  data_states = sorted(p.name for p in (tmp_path / "run" / "checkpoints" / "4" / "data").iterdir()
+  data_states = sorted(p.name for p in (tmp_path / "run" / "checkpoints" / "2" / "data").iterdir()
                        if p.suffix == ".json")
   assert data_states == ["process_0-of-2.json", "process_1-of-2.json"]

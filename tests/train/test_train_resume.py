@@ -15,7 +15,7 @@ from bitgen.train import run
 from bitgen.train.checkpoint import Checkpointer, CheckpointError
 from bitgen.train.optimizer import make_optimizer
 from bitgen.train.state import create_train_state
-from stand_in import StandIn
+from bitgen.models.bsq_vit import BSQViT
 
 
 def _assert_states_equal(a, b):
@@ -24,13 +24,10 @@ def _assert_states_equal(a, b):
 
 def test_stop_and_resume_equals_straight_run(tmp_path):
   n = 3
-  first = run(fixtures.config(n), tmp_path / "resumed", task=fixtures.task(),
-              train_data=fixtures.grain_batches(8))
+  first = run(fixtures.config(n), tmp_path / "resumed")
   assert int(first.state.step) == n
-  resumed = run(fixtures.config(2 * n), tmp_path / "resumed", task=fixtures.task(),
-                train_data=fixtures.grain_batches(8))
-  straight = run(fixtures.config(2 * n), tmp_path / "straight", task=fixtures.task(),
-                 train_data=fixtures.grain_batches(8))
+  resumed = run(fixtures.config(2 * n), tmp_path / "resumed")
+  straight = run(fixtures.config(2 * n), tmp_path / "straight")
   assert [h["step"] for h in resumed.history] == [4, 5, 6]
   _assert_states_equal(resumed.state, straight.state)
   assert resumed.history[-1]["loss"] == straight.history[-1]["loss"]
@@ -49,13 +46,14 @@ def test_stop_and_resume_equals_straight_run(tmp_path):
   # keep=2: only the two newest of the saved steps remain.
   assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()) == [4, 6]
   model = resumed.model(ema=True)
-  assert isinstance(model, StandIn)
+  assert isinstance(model, BSQViT)
 
 
-def _state(bits: int):
+def _state(bits: int, group_size: int = 9):
   mesh = make_mesh({"shape": (1, -1, 1)}, devices=jax.devices()[:1])
   tx = make_optimizer({"steps": 10})
-  _, state, _ = create_train_state(lambda: StandIn(nnx.Rngs(0), bits=bits), tx, mesh=mesh,
+  task = fixtures.task(bits, group_size)
+  _, state, _ = create_train_state(lambda: task.build_model(nnx.Rngs(0)), tx, mesh=mesh,
                                    rules=DEFAULT_RULES, seed=0, use_ema=True)
   return state
 
@@ -67,7 +65,7 @@ def _save(directory, state, step=2):
 
 
 def test_restore_round_trip_and_missing_checkpoint(tmp_path):
-  state = _state(8)
+  state = _state(18)
   with pytest.raises(CheckpointError, match="no finished checkpoint"):
     Checkpointer(tmp_path / "ckpt", every=2).restore(state)
   _save(tmp_path / "ckpt", state)
@@ -76,13 +74,14 @@ def test_restore_round_trip_and_missing_checkpoint(tmp_path):
 
 
 def test_restore_from_other_model_names_the_difference(tmp_path):
-  _save(tmp_path / "ckpt", _state(8))
-  with pytest.raises(CheckpointError, match=r"different model.*params/quant/kernel: \(16, 8\)"):
-    Checkpointer(tmp_path / "ckpt", every=2, description="stand-in").restore(_state(6))
+  _save(tmp_path / "ckpt", _state(18))
+  with pytest.raises(CheckpointError,
+                     match=r"different model.*params/quant_embed/kernel: \(32, 18\) float32 vs \(32, 16\)"):
+    Checkpointer(tmp_path / "ckpt", every=2, description="stand-in").restore(_state(16, 8))
 
 
 def test_corrupt_or_partial_checkpoint_is_reported(tmp_path):
-  state = _state(8)
+  state = _state(18)
   _save(tmp_path / "ckpt", state)
   step_dir = tmp_path / "ckpt" / "2"
   # Lose the array data of the state item (as after a partial copy).

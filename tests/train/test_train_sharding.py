@@ -38,9 +38,10 @@ def test_sharded_step_matches_single_device(axis_types):
   sharded, sharded_metrics = _one_step(
       make_mesh({"shape": (2, 2, 2), "axis_types": axis_types}), images)
   # The parameters really are distributed: FSDP over embed, tensor over mlp.
-  assert sharded.params["up"]["kernel"].sharding.spec == P("fsdp", "tensor")
-  assert sharded.opt_state[0].mu["up"]["kernel"].sharding.spec == P("fsdp", "tensor")
-  assert sharded.params["up"]["kernel"].addressable_shards[0].data.shape == (8, 32)
+  up = lambda params: params["encoder"]["transformer"]["blocks"][0]["mlp"]["up"]["kernel"]
+  assert up(sharded.params).sharding.spec == P("fsdp", "tensor")
+  assert up(sharded.opt_state[0].mu).sharding.spec == P("fsdp", "tensor")
+  assert up(sharded.params).addressable_shards[0].data.shape == (16, 64)  # (32, 128) / (2, 2)
   for name in single_metrics:
     np.testing.assert_allclose(sharded_metrics[name], single_metrics[name], rtol=1e-5, atol=1e-6,
                                err_msg=name)
