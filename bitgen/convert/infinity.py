@@ -1,10 +1,12 @@
 """Official Infinity checkpoints (PyTorch state_dicts) -> bitgen's `InfinityVAE` / `Infinity` params.
 
 Sources: a dict of arrays, or a file read by `bitgen.convert.checkpoint_io` (`.npz`, `.safetensors`,
-`.pt`/`.pth` through the optional torch with `weights_only=True`). VAE checkpoints come as `{'vae': sd, 'ema': sd, ...}`
-(`use_ema` picks) or as a bare state_dict, with or without the `.conv` / `.norm` wrapper level of
-the official `Conv` / `Normalize` classes. Transformer checkpoints are bare ("slim") state_dicts, blocks named `blocks.{i}` or `block_chunks.{c}.module.{j}`,
-`scale_mul_1H11` in either layout ((1, H, 1, 1) or the customised-flash (1, 1, H, 1)).
+`.pt`/`.pth` through the optional torch with `weights_only=True`). VAE checkpoints come as
+`{'vae': sd, 'ema': sd, ...}` (`use_ema` picks) or as a bare state_dict, with or without the
+`.conv` / `.norm` wrapper level of the official `Conv` / `Normalize` classes. Transformer
+checkpoints are bare ("slim") state_dicts, blocks named `blocks.{i}` or
+`block_chunks.{c}.module.{j}`, `scale_mul_1H11` in either layout ((1, H, 1, 1) or the
+customised-flash (1, 1, H, 1)); a longer `cfg_uncond` is cut to `text_maxlen` rows, as official.
 
 Layouts: Linear weight (out, in) -> kernel (in, out); Conv2d (out, in, kh, kw) -> (kh, kw, in, out).
 A key the model lacks, a key the checkpoint lacks, or a shape mismatch raises one `CheckpointError`

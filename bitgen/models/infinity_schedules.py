@@ -147,4 +147,5 @@ def grids_for_latent(height: int, width: int) -> tuple[tuple[int, int], ...]:
     grids = FULL_GRIDS[ratio]
     if (height, width) in grids:
       return grids[:grids.index((height, width)) + 1]
-  raise ValueError(f"no official scale schedule reaches a {height}x{width} latent grid; pass the grids explicitly")
+  raise ValueError(
+      f"no official scale schedule reaches a {height}x{width} latent grid; pass the grids explicitly")

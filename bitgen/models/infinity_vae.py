@@ -220,7 +220,8 @@ class InfinityVAE(nnx.Module):
     self._check_images(x)
     return self.encoder(x)
 
-  def encode(self, x: jax.Array, grids: Sequence[tuple[int, int]] | None = None, **loss_kwargs) -> QuantizerOutput:
+  def encode(self, x: jax.Array, grids: Sequence[tuple[int, int]] | None = None,
+             **loss_kwargs) -> QuantizerOutput:
     """Images -> multi-scale quantizer output (quantized latent, (B, L, d) bit labels, loss).
 
     grids: the scales (h, w), ending at the latent grid; default: the official prefix reaching it.

@@ -98,7 +98,8 @@ class SelfAttention(nnx.Module):
   def __init__(self, width: int, heads: int, *, rngs: nnx.Rngs, linear_kind: LinearKind = "dense",
                attention_kind: AttentionKind = "dense"):
     self.heads, self.head_dim, self.attention_kind = heads, width // heads, attention_kind
-    self.mat_qkv = linear(width, 3 * width, rngs=rngs, kind=linear_kind, use_bias=False, axes=("embed", "heads"))
+    self.mat_qkv = linear(width, 3 * width, rngs=rngs, kind=linear_kind, use_bias=False,
+                          axes=("embed", "heads"))
     self.q_bias = param(nnx.initializers.zeros_init(), (width,), ("heads",), rngs)
     self.v_bias = param(nnx.initializers.zeros_init(), (width,), ("heads",), rngs)
     self.log_scale = param(nnx.initializers.constant(math.log(4.0)), (heads,), ("heads",), rngs)
@@ -138,7 +139,8 @@ class CrossAttention(nnx.Module):
       self.mat_q = param(init, (1, heads, self.head_dim), (None, "heads", "kv"), rngs)
     else:
       self.mat_q = linear(width, width, rngs=rngs, kind=linear_kind, axes=("embed", "heads"))
-    self.mat_kv = linear(kv_width, 2 * width, rngs=rngs, kind=linear_kind, use_bias=False, axes=("embed", "heads"))
+    self.mat_kv = linear(kv_width, 2 * width, rngs=rngs, kind=linear_kind, use_bias=False,
+                         axes=("embed", "heads"))
     self.v_bias = param(nnx.initializers.zeros_init(), (width,), ("heads",), rngs)
     self.proj = linear(width, width, rngs=rngs, kind=linear_kind, axes=("heads", "embed"))
 

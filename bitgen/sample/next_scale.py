@@ -62,7 +62,8 @@ def _per_scale(value, num_scales: int, name: str) -> jax.Array:
   if values.ndim == 0:
     values = np.full((num_scales,), values)
   if values.shape != (num_scales,):
-    raise ValueError(f"{name} must be a scalar or one value per scale ({num_scales}), got shape {values.shape}")
+    raise ValueError(
+        f"{name} must be a scalar or one value per scale ({num_scales}), got shape {values.shape}")
   return jnp.asarray(values)
 
 
@@ -98,16 +99,19 @@ def _sample_bits(key: jax.Array, logits: jax.Array, top_k: int, top_p: float) ->
 
 
 @functools.partial(nnx.jit, static_argnames=("schedule", "top_k", "top_p", "guidance", "return_logits"))
-def _generate(model: Infinity, key: jax.Array, text, text_lengths, labels, cfg, tau, *, schedule: Schedule,
-              top_k: int, top_p: float, guidance: bool, return_logits: bool) -> Generation:
+def _generate(model: Infinity, key: jax.Array, text, text_lengths, labels, cfg, tau, *,
+              schedule: Schedule, top_k: int, top_p: float, guidance: bool,
+              return_logits: bool) -> Generation:
   condition = model.condition(text=text, text_lengths=text_lengths, labels=labels)
   batch = condition.cond.shape[0]
   if guidance:
     null = jnp.ones((batch,), bool)
-    condition = condition.concat(model.condition(text=text, text_lengths=text_lengths, labels=labels, drop=null))
+    condition = condition.concat(
+        model.condition(text=text, text_lengths=text_lengths, labels=labels, drop=null))
   rows = condition.cond.shape[0]
   c = model.config
-  cos, sin = (jnp.asarray(t) for t in infinity_blocks.rope2d_cos_sin(schedule.grids, schedule.rope_grid, c.head_dim))
+  cos, sin = (jnp.asarray(t) for t in
+              infinity_blocks.rope2d_cos_sin(schedule.grids, schedule.rope_grid, c.head_dim))
   cache_shape = (rows, schedule.num_tokens, c.num_heads, c.head_dim)
   cache = [(jnp.zeros(cache_shape), jnp.zeros(cache_shape)) for _ in model.blocks]
   vae_grids = _vae_grids(model, schedule)

@@ -1,4 +1,4 @@
-"""Infinity transformer and its converter against the official model (../shared/parity/infinity_transformer)."""
+"""Infinity transformer and its converter vs the official model (../shared/parity/infinity_transformer)."""
 
 import jax
 import jax.numpy as jnp

@@ -33,13 +33,15 @@ def test_bits_and_sum_match_official(io):
 def test_resizes_match_official_interpolate(io):
   residual = nhwc(io["encoder_features"])
   for k, grid in enumerate(GRIDS):
-    np.testing.assert_allclose(ms.area_resize(residual, grid), nhwc(io[f"scale{k}_residual_in"]), atol=1e-6)
+    np.testing.assert_allclose(ms.area_resize(residual, grid), nhwc(io[f"scale{k}_residual_in"]),
+                               atol=1e-6)
     up = ms.bilinear_resize(nhwc(io[f"scale{k}_quantized"]), (8, 8))
     np.testing.assert_allclose(up, nhwc(io[f"scale{k}_quantized_upsampled"]), atol=1e-6)
     residual = residual - nhwc(io[f"scale{k}_quantized_upsampled"])
   for k in range(1, len(GRIDS)):  # MultiScaleBSQ's own next-scale inputs: area of the running sum
     total = sum(nhwc(io[f"scale{j}_quantized_upsampled"]) for j in range(k))
-    np.testing.assert_allclose(ms.area_resize(total, GRIDS[k]), nhwc(io[f"scale{k}_var_input_area"]), atol=1e-6)
+    np.testing.assert_allclose(ms.area_resize(total, GRIDS[k]), nhwc(io[f"scale{k}_var_input_area"]),
+                               atol=1e-6)
 
 
 def test_decode_path_from_bits(io):

@@ -63,9 +63,10 @@ def test_kv_cache_agrees_with_teacher_forcing(model, io):
   for k, b in enumerate(out.bits[:-1]):
     summed = summed + multiscale.bilinear_resize(multiscale.bits_to_codes(b), (16, 16))
     x.append(multiscale.bilinear_resize(summed, grids[k + 1]))
-  logits = nnx.jit(lambda m, x: m(x, SCHEDULE, text=text, text_lengths=lengths))(model, multiscale.concat_scales(x))
-  np.testing.assert_allclose(jnp.concatenate([l.reshape(2, -1) for l in out.logits], 1), logits.reshape(2, -1),
-                             atol=1e-4)
+  forward = nnx.jit(lambda m, x: m(x, SCHEDULE, text=text, text_lengths=lengths))
+  logits = forward(model, multiscale.concat_scales(x))
+  sampled_logits = jnp.concatenate([l.reshape(2, -1) for l in out.logits], 1)
+  np.testing.assert_allclose(sampled_logits, logits.reshape(2, -1), atol=1e-4)
   assert bits.shape == (2, SCHEDULE.num_tokens, 16)
 
 
