@@ -7,6 +7,12 @@
                   (churches: 768 wide, 12 heads, T = 64, linear schedule, p_flip, loss mean).
   tiny            the parity-fixture sizes (32^2 images, 8x8x32 bits, 2-layer 64-wide denoiser,
                   10 classes, T = 16): seconds on a CPU.
+  photos_ae       training config (`bitgen.train` layout, task "bld_autoencoder"): the tiny
+                  autoencoder on 32^2 crops of the embedded photos, L1 loss; minutes on a 2-core CPU.
+  photos_prior    training config (task "bld_prior"): a class-conditional (one class per photo,
+                  label dropout 0.1 for guidance) 4-layer 128-wide denoiser, T = 64, on the bits of
+                  the frozen photos_ae autoencoder. `bitgen.train.bld.train_bld(get_config(
+                  "photos_ae"), get_config("photos_prior"), workdir)` trains both and evaluates.
 
 `autoencoder` fills `bitgen.models.bld_autoencoder.Config`, `denoiser` fills
 `bitgen.models.bld_denoiser.Config`, `diffusion` and `sample` are the keyword arguments of
@@ -16,12 +22,15 @@
 import ml_collections
 
 _BITS = {"c32": 32, "c64": 64, "c128": 128}
+_TRAINING = ("photos_ae", "photos_prior")
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   variant = (arg or "c64").lower()
-  if variant not in (*_BITS, "tiny"):
-    raise ValueError(f"unknown bld variant {arg!r}; expected one of {[*_BITS, 'tiny']}")
+  if variant not in (*_BITS, "tiny", *_TRAINING):
+    raise ValueError(f"unknown bld variant {arg!r}; expected one of {[*_BITS, 'tiny', *_TRAINING]}")
+  if variant in _TRAINING:
+    return _photos_training_config(variant)
   config = ml_collections.ConfigDict()
   config.variant = variant
 
@@ -53,4 +62,39 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       loss_final="mean",       # mean | weighted (1 - (t-1)/T)
   )
   config.sample = dict(steps=16, temperature=0.9, guidance=0.0)
+  return config
+
+
+def _photos_training_config(variant: str) -> ml_collections.ConfigDict:
+  """AE then prior on 32^2 crops of the embedded photos (labels = photo ids, 10 classes)."""
+  tiny = get_config("tiny")
+  total_steps = 64
+  config = ml_collections.ConfigDict()
+  config.variant = variant
+  config.autoencoder = tiny.autoencoder
+  config.data = dict(name="embedded_photos", image_size=tiny.autoencoder.image_size,
+                     data_dir=None, eval_grid=8, read_threads=2)
+  config.mesh = dict(devices=1)
+  config.checkpoint = dict(every=500, keep=1, async_save=False)
+  config.log = dict(every=50, grid_every=0, progress=False)
+  if variant == "photos_ae":
+    config.task = "bld_autoencoder"
+    config.model = config.autoencoder
+    # The official AE objective: L1 (+ perceptual_weight LPIPS with user-supplied weights) + the
+    # model's code_weight * codebook loss; the GAN term is not ported.
+    config.train = dict(batch_size=16, steps=600, lr=1e-3, warmup_steps=50, ema_decay=None,
+                        weight_decay=0.0, loss=dict(perceptual_weight=0.0))
+    return config
+  config.task = "bld_prior"
+  config.model = dict(
+      num_bits=tiny.denoiser.num_bits, latent_size=tiny.denoiser.latent_size, width=128, heads=4,
+      depth=4, num_classes=10, time_scale_steps=total_steps)
+  config.diffusion = dict(tiny.diffusion, total_steps=total_steps)
+  config.sample = dict(tiny.sample, guidance=1.0)
+  # label_dropout: each sample's class token is dropped with this probability (guidance training);
+  # ae_bits: "sample" draws the training bits ~ Bernoulli(p) as the official prior training does
+  # (its autoencoder runs with deterministic=False), "threshold" uses p > 0.5.
+  config.prior = dict(label_dropout=0.1, ae_bits="sample")
+  config.train = dict(batch_size=32, steps=800, lr=1e-3, warmup_steps=50, ema_decay=None,
+                      weight_decay=0.0, b2=0.95)
   return config

@@ -152,6 +152,13 @@ def _check_prior_config(config, autoencoder: ae_lib.BinaryAutoencoder) -> None:
                      f"image_size={autoencoder.config.image_size}")
 
 
+def on_one_device(model: nnx.Module) -> nnx.Module:
+  """A copy of `model` with every variable on this process's first device, unsharded (the trained
+  models carry the training mesh's Explicit shardings, which single-device evaluation rejects)."""
+  graphdef, state = nnx.split(model)
+  return nnx.merge(graphdef, jax.device_put(jax.device_get(state), jax.local_devices()[0]))
+
+
 class EncodedBits:
   """Wraps an image-batch iterator: {"image", "label"} -> {"bits": (b, L, C) uint8, "label"}.
 
@@ -165,8 +172,7 @@ class EncodedBits:
     self.images = images
     self.count = 0
     self.seed = seed
-    graphdef, state = nnx.split(autoencoder)
-    self.state = jax.device_put(jax.device_get(state), jax.local_devices()[0])
+    graphdef, self.state = nnx.split(on_one_device(autoencoder))
     sampled = ae_bits == "sample"
 
     @jax.jit
@@ -228,7 +234,7 @@ def restore_model(config, workdir: str | pathlib.Path, *, ema: bool = False) -> 
   finally:
     checkpointer.close()
   params = state.ema_params if ema and state.ema_params else state.params
-  return nnx.merge(graphdef, params, state.extra)
+  return on_one_device(nnx.merge(graphdef, params, state.extra))
 
 
 def train_bld(config_ae, config_prior, workdir: str | pathlib.Path, *,
@@ -252,7 +258,7 @@ def train_bld(config_ae, config_prior, workdir: str | pathlib.Path, *,
   start = time.perf_counter()
   ae_result = run(config_ae, workdir / "ae", task=build_task(config_lib.with_defaults(config_ae)))
   ae_minutes = (time.perf_counter() - start) / 60
-  autoencoder = ae_result.model(ema=True)
+  autoencoder = on_one_device(ae_result.model(ema=True))
   _check_prior_config(config_prior, autoencoder)
   from bitgen import data  # pylint: disable=g-import-not-at-top
   labels_needed = data.num_classes(config_prior.data)
@@ -266,7 +272,7 @@ def train_bld(config_ae, config_prior, workdir: str | pathlib.Path, *,
   prior_result = run(config_prior, workdir / "prior", task=build_task(prior_config),
                      train_data=encoded_bits(config_prior, autoencoder))
   prior_minutes = (time.perf_counter() - start) / 60
-  denoiser = prior_result.model(ema=True)
+  denoiser = on_one_device(prior_result.model(ema=True))
 
   start = time.perf_counter()
   report = {
