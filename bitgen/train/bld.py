@@ -142,16 +142,6 @@ def build_task(config):
   raise ValueError(f"unknown BLD task {config.task!r}; expected 'bld_autoencoder' or 'bld_prior'")
 
 
-def _check_prior_config(config, autoencoder: ae_lib.BinaryAutoencoder) -> None:
-  if config.get("task") != "bld_prior":
-    raise ValueError(f"the prior config must have task 'bld_prior', got {config.get('task')!r}")
-  bld_sample.check_pairing(autoencoder.config, denoiser_config(config.model))
-  size = dict(config.data)["image_size"]
-  if size != autoencoder.config.image_size:
-    raise ValueError(f"the prior's data.image_size={size} differs from the autoencoder's "
-                     f"image_size={autoencoder.config.image_size}")
-
-
 def on_one_device(model: nnx.Module) -> nnx.Module:
   """A copy of `model` with every variable on this process's first device, unsharded (the trained
   models carry the training mesh's Explicit shardings, which single-device evaluation rejects)."""
@@ -237,6 +227,32 @@ def restore_model(config, workdir: str | pathlib.Path, *, ema: bool = False) -> 
   return on_one_device(nnx.merge(graphdef, params, state.extra))
 
 
+def check_configs(config_ae, config_prior) -> None:
+  """The AE and prior training configs are a pair: tasks, bits, latent grid, crop size, classes."""
+  if config_ae.get("task") != "bld_autoencoder":
+    raise ValueError(f"the autoencoder config must have task 'bld_autoencoder', got "
+                     f"{config_ae.get('task')!r}")
+  prior_ae = config_prior.get("autoencoder")
+  if prior_ae is not None and autoencoder_config(prior_ae) != autoencoder_config(config_ae.model):
+    raise ValueError("config_prior.autoencoder differs from config_ae.model: the prior must be "
+                     "trained on the bits of the autoencoder it is paired with")
+  ae_config = autoencoder_config(config_ae.model)
+  if config_prior.get("task") != "bld_prior":
+    raise ValueError(f"the prior config must have task 'bld_prior', got {config_prior.get('task')!r}")
+  bld_sample.check_pairing(ae_config, denoiser_config(config_prior.model))
+  for config in (config_ae, config_prior):
+    if dict(config.data)["image_size"] != ae_config.image_size:
+      raise ValueError(f"data.image_size={dict(config.data)['image_size']} of the {config.task} "
+                       f"config differs from the autoencoder's image_size={ae_config.image_size}")
+  from bitgen import data  # pylint: disable=g-import-not-at-top
+  labels_needed = data.num_classes(config_prior.data)
+  num_classes = denoiser_config(config_prior.model).num_classes
+  if num_classes and labels_needed > num_classes:
+    raise ValueError(f"the prior has num_classes={num_classes} but its data has {labels_needed} "
+                     "classes")
+
+
+
 def train_bld(config_ae, config_prior, workdir: str | pathlib.Path, *,
               eval_batch_size: int = 64) -> dict[str, Any]:
   """Trains the autoencoder (`<workdir>/ae`), then the prior on its frozen bits
@@ -248,24 +264,11 @@ def train_bld(config_ae, config_prior, workdir: str | pathlib.Path, *,
   from bitgen.eval import bld as bld_eval  # pylint: disable=g-import-not-at-top
   from bitgen.train.trainer import run  # pylint: disable=g-import-not-at-top
   workdir = pathlib.Path(workdir)
-  if config_ae.get("task") != "bld_autoencoder":
-    raise ValueError(f"the autoencoder config must have task 'bld_autoencoder', got "
-                     f"{config_ae.get('task')!r}")
-  prior_ae = config_prior.get("autoencoder")
-  if prior_ae is not None and autoencoder_config(prior_ae) != autoencoder_config(config_ae.model):
-    raise ValueError("config_prior.autoencoder differs from config_ae.model: the prior must be "
-                     "trained on the bits of the autoencoder it is paired with")
+  check_configs(config_ae, config_prior)
   start = time.perf_counter()
   ae_result = run(config_ae, workdir / "ae", task=build_task(config_lib.with_defaults(config_ae)))
   ae_minutes = (time.perf_counter() - start) / 60
   autoencoder = on_one_device(ae_result.model(ema=True))
-  _check_prior_config(config_prior, autoencoder)
-  from bitgen import data  # pylint: disable=g-import-not-at-top
-  labels_needed = data.num_classes(config_prior.data)
-  num_classes = denoiser_config(config_prior.model).num_classes
-  if num_classes and labels_needed > num_classes:
-    raise ValueError(f"the prior has num_classes={num_classes} but the data has "
-                     f"{labels_needed} classes")
 
   start = time.perf_counter()
   prior_config = config_lib.with_defaults(config_prior)

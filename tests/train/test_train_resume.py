@@ -59,17 +59,21 @@ def _state(bits: int, group_size: int = 9):
 
 
 def _save(directory, state, step=2):
-  checkpointer = Checkpointer(directory, every=2, description="stand-in")
-  checkpointer.save(step, state)
-  checkpointer.close()
+  with Checkpointer(directory, every=2) as checkpointer:
+    checkpointer.save(step, state)
+
+
+def _restore(directory, state):
+  with Checkpointer(directory, every=2) as checkpointer:
+    return checkpointer.restore(state)
 
 
 def test_restore_round_trip_and_missing_checkpoint(tmp_path):
   state = _state(18)
   with pytest.raises(CheckpointError, match="no finished checkpoint"):
-    Checkpointer(tmp_path / "ckpt", every=2).restore(state)
+    _restore(tmp_path / "ckpt", state)
   _save(tmp_path / "ckpt", state)
-  restored = Checkpointer(tmp_path / "ckpt", every=2).restore(jax.tree.map(lambda x: x * 0, state))
+  restored = _restore(tmp_path / "ckpt", jax.tree.map(lambda x: x * 0, state))
   _assert_states_equal(restored, state)
 
 
@@ -77,7 +81,7 @@ def test_restore_from_other_model_names_the_difference(tmp_path):
   _save(tmp_path / "ckpt", _state(18))
   with pytest.raises(CheckpointError,
                      match=r"different model.*params/quant_embed/kernel: \(32, 18\) float32 vs \(32, 16\)"):
-    Checkpointer(tmp_path / "ckpt", every=2, description="stand-in").restore(_state(16, 8))
+    _restore(tmp_path / "ckpt", _state(16, 8))
 
 
 def test_corrupt_or_partial_checkpoint_is_reported(tmp_path):
@@ -89,7 +93,7 @@ def test_corrupt_or_partial_checkpoint_is_reported(tmp_path):
     if path.is_file() and "manifest" not in path.name and path.parent.name == "d":
       path.write_bytes(b"")
   with pytest.raises(CheckpointError, match="step 2 .* corrupt or incomplete: its state"):
-    Checkpointer(tmp_path / "ckpt", every=2).restore(state)
+    _restore(tmp_path / "ckpt", state)
   (step_dir / "meta" / "metadata").write_text("{not json")
   with pytest.raises(CheckpointError, match="corrupt or incomplete: its metadata"):
-    Checkpointer(tmp_path / "ckpt", every=2).restore(state)
+    _restore(tmp_path / "ckpt", state)

@@ -30,7 +30,7 @@ def _one_step(mesh, images):
   return state, metrics
 
 
-@pytest.mark.parametrize("axis_types", ["explicit", "auto"])
+@pytest.mark.parametrize("axis_types", ["explicit", pytest.param("auto", marks=pytest.mark.slow)])
 def test_sharded_step_matches_single_device(axis_types):
   images = fixtures.images(8)
   single, single_metrics = _one_step(

@@ -1,0 +1,125 @@
+"""The Infinity transformer task: teacher forcing with bitwise self-correction on a frozen VAE.
+
+Official `trainer.py::InfinityTrainer.train_step` (`use_bit_label=1`, `bitloss_type='mean'`,
+`reweight_loss_by_scale=1`): images -> frozen VAE features -> `flip_requant` with flip strengths
+drawn per scale from {0, .01, ..., max_strength} (inputs and later labels follow the corrupted
+path; each scale's label is its clean bits) -> transformer logits -> per-bit cross-entropy, mean
+over bits, scale-reweighted sum over tokens, mean over the batch. Captions (here: class labels,
+which enter through the text path) are replaced by the null condition with probability
+`cond_drop_rate` (classifier-free guidance). The schedule is the official prefix reaching the
+latent grid of the batch's images (`infinity_schedules.schedule_for_latent`), optionally cut to
+the first `num_train_scales` scales (official `always_training_scales`).
+
+Use with the generic trainer: `trainer.run(config, workdir, task=InfinityTask(...))`, with a
+trained VAE (`bitgen.convert.infinity.load_vae` or a stage-1 tokenizer checkpoint).
+"""
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from bitgen.models import infinity_loss
+from bitgen.models import infinity_schedules
+from bitgen.models.infinity import Infinity, InfinityConfig, check_vae_compatible
+from bitgen.quantizers import bitwise_self_correction as bsc
+from bitgen.quantizers import multiscale
+
+
+@dataclasses.dataclass(frozen=True)
+class InfinityLossConfig:
+  """Official defaults of train.sh / arg_util.py."""
+
+  cond_drop_rate: float = 0.1
+  noise_strength: float = 0.3  # --noise_apply_strength: flip probability drawn from [0, 0.3]
+  noise_layers: int = 13  # --noise_apply_layers: the first 13 scales are corrupted
+  requantize: bool = True  # --noise_apply_requant
+  num_train_scales: int = 100  # --always_training_scales
+  reweight_by_scale: bool = True  # --reweight_loss_by_scale
+  label_smoothing: float = 0.0  # --ls
+
+
+class InfinityTask:
+  """Trains `Infinity(model_config)` on batches {"image": [B, H, W, 3] in [-1, 1], "label": [B]}."""
+
+  def __init__(self, model_config: InfinityConfig, vae: nnx.Module,
+               loss: Mapping[str, Any] | InfinityLossConfig | None = None):
+    check_vae_compatible(vae.num_bits, model_config)
+    if not model_config.num_classes:
+      raise ValueError("InfinityTask trains class-conditional models (labels through the text "
+                       "path); set model num_classes > 0")
+    self.model_config = model_config
+    self.loss_config = (loss if isinstance(loss, InfinityLossConfig)
+                        else InfinityLossConfig(**(loss or {})))
+    self.vae_graphdef, self.vae_state = nnx.split(vae)
+
+  def build_model(self, rngs: nnx.Rngs) -> nnx.Module:
+    return Infinity(self.model_config, rngs=rngs)
+
+  @property
+  def vae(self) -> nnx.Module:
+    """The frozen VAE (its arrays enter traced functions as constants, never as trained params)."""
+    return nnx.merge(self.vae_graphdef, self.vae_state)
+
+  def schedules(self, image_shape: tuple[int, ...]) -> tuple[infinity_schedules.Schedule, tuple]:
+    """(transformer schedule, VAE grids) for images of this shape."""
+    stride = self.vae.config.patch_size * (2 if self.model_config.spatial_patchify else 1)
+    schedule = infinity_schedules.schedule_for_latent(image_shape[1] // stride,
+                                                      image_shape[2] // stride)
+    factor = 2 if self.model_config.spatial_patchify else 1
+    return schedule, tuple((h * factor, w * factor) for h, w in schedule.grids)
+
+  def targets(self, images: jax.Array, rng: jax.Array
+              ) -> tuple[infinity_schedules.Schedule, jax.Array, jax.Array]:
+    """(training schedule, inputs (B, L - 1, d), labels (B, L, d)) with self-correction noise."""
+    c = self.loss_config
+    schedule, vae_grids = self.schedules(images.shape)
+    vae = self.vae
+    features = jax.lax.stop_gradient(vae.encode_features(images))
+    noise = None
+    if c.noise_strength > 0 and c.noise_layers > 0:
+      noise = bsc.draw_flip_noise(rng, vae_grids, images.shape[0], vae.num_bits,
+                                  max_strength=c.noise_strength, num_noisy_scales=c.noise_layers)
+    inputs, labels = bsc.flip_requant(features, vae_grids, noise, requantize=c.requantize)
+    if self.model_config.spatial_patchify:
+      inputs = multiscale.concat_scales(
+          [multiscale.patchify(x) for x in multiscale.split_scales(inputs, vae_grids[1:])])
+      labels = multiscale.concat_scales(
+          [multiscale.patchify(x) for x in multiscale.split_scales(labels, vae_grids)])
+    num_scales = min(c.num_train_scales, schedule.num_scales)
+    train_schedule = schedule.prefix(num_scales)
+    return train_schedule, inputs[:, :train_schedule.num_tokens - 1], labels[:, :train_schedule.num_tokens]
+
+  def loss(self, model, batch, *, step, rng):
+    del step
+    c = self.loss_config
+    noise_rng, drop_rng = jax.random.split(rng)
+    images = batch["image"]
+    schedule, inputs, labels = self.targets(images, noise_rng)
+    full_schedule, _ = self.schedules(images.shape)
+    drop = jax.random.uniform(drop_rng, (images.shape[0],)) < c.cond_drop_rate
+    logits = model(inputs, schedule, labels=batch["label"], drop=drop)
+    weights = infinity_loss.scale_loss_weights(full_schedule, num_train_scales=schedule.num_scales,
+                                               reweight_by_scale=c.reweight_by_scale)
+    loss = infinity_loss.bitwise_loss(logits, labels, jnp.asarray(weights),
+                                      label_smoothing=c.label_smoothing)
+    accuracy = infinity_loss.bit_accuracy(logits, labels)
+    last = schedule.offsets[-1]
+    metrics = {
+        "bits_per_bit": infinity_loss.bits_per_bit(logits, labels),
+        "bit_accuracy": jnp.mean(accuracy),
+        "bit_accuracy_last_scale": jnp.mean(accuracy[:, last:]),
+    }
+    return loss, metrics
+
+  def visualize(self, model, batch):
+    """Samples for the batch's labels (CFG 3, tau 1) next to the inputs."""
+    from bitgen.sample import next_scale  # pylint: disable=g-import-not-at-top
+    images = batch["image"]
+    schedule, _ = self.schedules(images.shape)
+    generation = next_scale.generate(model, schedule, jax.random.key(0), labels=batch["label"],
+                                     cfg=3.0)
+    return {"inputs": images, "outputs": self.vae.decode(generation.latent)}
