@@ -44,3 +44,35 @@ def bitwise_loss(logits: jax.Array, labels: jax.Array, token_weights: jax.Array,
   """() scalar: sum_l w_l * mean_c CE(b, l, c), averaged over the batch."""
   per_token = jnp.mean(bitwise_cross_entropy(logits, labels, label_smoothing=label_smoothing), axis=-1)
   return jnp.mean(jnp.sum(per_token * token_weights, axis=-1))
+
+
+def bits_per_bit(logits: jax.Array, labels: jax.Array) -> jax.Array:
+  """() mean negative log-likelihood of every bit, in bits (unweighted over tokens)."""
+  return jnp.mean(bitwise_cross_entropy(logits, labels)) / jnp.log(2.0)
+
+
+def bit_accuracy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+  """(B, L) fraction of a token's bits whose argmax prediction is right."""
+  batch, length, num_bits = labels.shape
+  predicted = jnp.argmax(logits.reshape(batch, length, num_bits, 2), axis=-1)
+  return jnp.mean((predicted == labels).astype(jnp.float32), axis=-1)
+
+
+def fit_bit_frequencies(labels: np.ndarray, schedule: Schedule) -> np.ndarray:
+  """(K, d) frequency of ones per scale and bit channel over training labels (N, L, d), smoothed
+  by add-one (Laplace): the unconditional baseline a conditional model has to beat."""
+  labels = np.asarray(labels)
+  probs = []
+  for start, count in zip(schedule.offsets, schedule.tokens_per_scale):
+    ones = labels[:, start:start + count].reshape(-1, labels.shape[-1]).sum(0)
+    probs.append((ones + 1.0) / (labels.shape[0] * count + 2.0))
+  return np.stack(probs)
+
+
+def baseline_bits_per_bit(frequencies: np.ndarray, labels: np.ndarray, schedule: Schedule) -> float:
+  """Mean NLL in bits of held-out labels (N, L, d) under independent per-(scale, channel) bits."""
+  labels = np.asarray(labels, np.float64)
+  per_token = np.concatenate([np.repeat(frequencies[k][None], n, 0)
+                              for k, n in enumerate(schedule.tokens_per_scale)])  # (L, d)
+  nll = -(labels * np.log2(per_token) + (1 - labels) * np.log2(1 - per_token))
+  return float(nll.mean())

@@ -140,12 +140,17 @@ def schedule_for_resolution(height: int, width: int) -> Schedule:
                    f"supported (height, width): {valid}")
 
 
-def grids_for_latent(height: int, width: int) -> tuple[tuple[int, int], ...]:
-  """Scale grids ending at a latent grid of height x width: the prefix of the official table of the
-  nearest ratio that reaches it (e.g. 16x16 -> the 7 scales of 256x256; 8x8 -> 5 scales)."""
+def schedule_for_latent(height: int, width: int) -> Schedule:
+  """The schedule ending at a latent (token) grid of height x width: the prefix of the official
+  table of the nearest ratio that reaches it (16x16 -> the 7 scales of 256x256; 8x8 -> 5 scales)."""
   for ratio in sorted(FULL_GRIDS, key=lambda r: abs(r - height / width)):
     grids = FULL_GRIDS[ratio]
     if (height, width) in grids:
-      return grids[:grids.index((height, width)) + 1]
+      return Schedule(ratio, grids[:grids.index((height, width)) + 1])
   raise ValueError(
       f"no official scale schedule reaches a {height}x{width} latent grid; pass the grids explicitly")
+
+
+def grids_for_latent(height: int, width: int) -> tuple[tuple[int, int], ...]:
+  """`schedule_for_latent(height, width).grids`."""
+  return schedule_for_latent(height, width).grids
