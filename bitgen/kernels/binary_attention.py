@@ -388,8 +388,6 @@ def _gpu_unsupported_reason(q, k, v, mask: _Mask) -> str | None:
   if q_len % (2 * t.block_q) or kv_len % t.block_kv:
     return (f"lengths T={q_len}, S={kv_len} must be multiples of {2 * t.block_q} and "
             f"{t.block_kv}")
-  if kv_len < t.max_concurrent_steps * t.block_kv:
-    return f"S={kv_len} shorter than {t.max_concurrent_steps} key blocks"
   return None
 
 
