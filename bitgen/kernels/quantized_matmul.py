@@ -12,8 +12,9 @@ Implementations: "reference" (pure JAX, exact integer dot), "gpu" (Pallas, Trito
 supports the shapes, else the reference (the reason is logged). Every path gives the same integers;
 scaled outputs differ only by the float rounding of the epilogue.
 
-Ternary kernels fold the `-1` of the codes {0, 1, 2} into one correction: `w x = codes x - sum(x)`,
-so the inner loop is shift, mask, convert, dot; `sum(x)` over K is computed once per token.
+Ternary kernels unpack the 2-bit codes in registers (shift, mask, minus 1, convert to int8) and feed
+the int8 MMA / MXU; the packed layout (`ternary_pack`) makes each unpacked plane a contiguous run of
+K, so activations need no reordering. Measured numbers: bitgen/bench/RESULTS_quantized_matmul.md.
 """
 
 import logging
