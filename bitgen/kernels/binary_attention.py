@@ -526,7 +526,7 @@ def _gpu_forward(q_sign, q_scale, k_sign, k_scale, v, segments, *, causal,
                                 col_smem.at[slot], col_barriers.at[slot])
         plgpu.copy_gmem_to_smem(v_ref.at[kv], v_smem.at[slot], v_barriers.at[slot])
 
-      for i in range(steps):
+      for i in range(min(steps, num_kv_blocks)):  # static bound: slices are checked at trace time
         pl.when(i < max_kv_steps)(functools.partial(load, i, i))
 
       @pl.loop(0, max_kv_steps - steps)
