@@ -140,8 +140,9 @@ def run(shapes, trials: int, copies: int, implementation: str = "auto"):
     key, kx, kw = jax.random.split(key, 3)
     _check(m, k, n, m + k + n, implementation)
     scales = (jnp.ones((m,), jnp.float32) / 127, jnp.ones((n,), jnp.float32) / 127)
-    # Enough copies that they overflow L2 (50 MB), at most ~1 GiB of bf16 weights.
-    copies_here = max(4, min(copies, (1 << 30) // (2 * n * k)))
+    # Copies: far more bytes than L2 (50-60 MB) and enough work per jit that host jitter is small:
+    # up to 4 GiB of bf16 weights, at most --copies.
+    copies_here = max(4, min(copies, (4 << 30) // (2 * n * k)))
     weight_sets = {}
     for label, (fn, w_kind, x_kind) in _implementations(m, k, n, scales, implementation).items():
       if w_kind not in weight_sets:
@@ -171,7 +172,7 @@ def sweep(trials: int, copies: int):
   for (m, k, n), kind, configs in cases:
     x = _operand("int8", (m, k), key)
     x_scale, w_scale = jnp.ones((m,), jnp.float32), jnp.ones((n,), jnp.float32)
-    weights = _weights(kind, n, k, max(4, min(copies, (1 << 30) // (2 * n * k))), key)
+    weights = _weights(kind, n, k, max(4, min(copies, (4 << 30) // (2 * n * k))), key)
     for config in configs:
       fn = lambda x, w, c=config: gpu.matmul(x, w, x_scale, w_scale, out_dtype=jnp.bfloat16, config=c)
       try:
@@ -198,7 +199,7 @@ def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--quick", action="store_true", help="small shapes (a smoke run, e.g. on CPU)")
   parser.add_argument("--trials", type=int, default=5)
-  parser.add_argument("--copies", type=int, default=24)
+  parser.add_argument("--copies", type=int, default=64, help="at most this many weight copies")
   parser.add_argument("--sweep", action="store_true", help="also time candidate GPU block configs")
   parser.add_argument("--shapes", default="gemv,gemm,inf2b_decode,inf2b_prefill",
                       help="comma-separated sets: " + ", ".join(SHAPE_SETS))
