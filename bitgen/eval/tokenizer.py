@@ -40,10 +40,7 @@ def evaluate_tokenizer(model: nnx.Module, data_config: Any, *, mesh: jax.shardin
                 codes=quantized.codes)
 
   sharding = parallel.batch_sharding(mesh, rules)
-  if any(t == jax.sharding.AxisType.Explicit for t in mesh.axis_types):
-    # The model's forward runs under GSPMD propagation (as the train step), not explicit types.
-    forward = jax.sharding.auto_axes(forward, out_sharding=sharding.spec)
-  forward = jax.jit(forward)
+  forward = jax.jit(parallel.under_auto_axes(forward, mesh, sharding.spec))
   pipeline = data.make_pipeline(data_config, split="eval", batch_size=batch_size, seed=0)
   results: dict[str, list[np.ndarray]] = {}
   with jax.set_mesh(mesh):

@@ -13,7 +13,7 @@ from typing import Any
 import jax
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from bitgen.parallel.axes import LOGICAL_AXES
 
@@ -95,3 +95,16 @@ def rules_from_config(rules: Mapping[str, Any] | None) -> dict[str, MeshAxes]:
   if rules is None:
     return dict(DEFAULT_RULES)
   return {str(k): (tuple(v) if isinstance(v, (list, tuple)) else v) for k, v in dict(rules).items()}
+
+
+def has_explicit_axes(mesh: Mesh) -> bool:
+  return any(t == AxisType.Explicit for t in mesh.axis_types)
+
+
+def under_auto_axes(fn, mesh: Mesh, out_sharding):
+  """`fn` run under GSPMD propagation on a mesh with Explicit axes, so model code needs no sharding
+  annotations (a reshape of a batch-sharded array would otherwise need its `out_sharding`); `fn`
+  itself on other meshes. All arrays must reach `fn` as arguments: closed-over ones keep their types."""
+  if has_explicit_axes(mesh):
+    return jax.sharding.auto_axes(fn, out_sharding=out_sharding)
+  return fn

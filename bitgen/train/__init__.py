@@ -3,4 +3,4 @@
 `run(config, workdir)` is the entry point (see `bitgen.train.config` for the config layout).
 """
 
-from bitgen.train.trainer import TrainResult, build_task, run
+from bitgen.train.trainer import TrainResult, build_task, restore, run

@@ -13,9 +13,9 @@ import functools
 import jax
 import optax
 from flax import nnx
-from jax.sharding import AxisType, Mesh, PartitionSpec as P, Sharding
+from jax.sharding import Mesh, PartitionSpec as P, Sharding
 
-from bitgen.parallel.sharding import replicated
+from bitgen.parallel.sharding import has_explicit_axes, replicated
 from bitgen.train.ema import ema_update
 from bitgen.train.state import TrainState
 from bitgen.train.task import Task
@@ -35,7 +35,6 @@ def train_step(graphdef: nnx.GraphDef, state: TrainState, batch, *, task: Task,
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
   if param_shardings is not None:
-    # Every input goes through the arguments: closed-over arrays would keep their Explicit types.
     specs = jax.tree.map(lambda s: s.spec, param_shardings)
     grad_fn = jax.sharding.auto_axes(grad_fn, out_sharding=((P(), (P(), P())), specs))
   (loss, (metrics, extra)), grads = grad_fn(state.params, state.extra, batch, state.step, rng)
@@ -54,9 +53,8 @@ def jit_train_step(graphdef: nnx.GraphDef, *, task: Task, tx: optax.GradientTran
                    schedule: optax.Schedule | None, ema_decay: float | None, mesh: Mesh,
                    state_shardings: TrainState, batch_sharding: Sharding):
   """`step(state, batch) -> (state, metrics)`, compiled with shardings, the state donated."""
-  explicit = any(t == AxisType.Explicit for t in mesh.axis_types)
   step = functools.partial(
       train_step, graphdef, task=task, tx=tx, schedule=schedule, ema_decay=ema_decay,
-      param_shardings=state_shardings.params if explicit else None)
+      param_shardings=state_shardings.params if has_explicit_axes(mesh) else None)
   return jax.jit(step, in_shardings=(state_shardings, batch_sharding),
                  out_shardings=(state_shardings, replicated(mesh)), donate_argnums=0)

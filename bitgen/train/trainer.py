@@ -16,7 +16,7 @@ from typing import Any
 
 import jax
 from flax import nnx
-from jax.sharding import AxisType, PartitionSpec as P
+from jax.sharding import PartitionSpec as P
 
 from bitgen import parallel
 from bitgen.train import config as config_lib
@@ -64,9 +64,45 @@ def _jit_visualize(task: Task, graphdef, mesh, count: int):
     model = nnx.merge(graphdef, params, extra)
     return task.visualize(model, {k: v[:count] for k, v in batch.items()})
 
-  if any(t == AxisType.Explicit for t in mesh.axis_types):
-    visualize = jax.sharding.auto_axes(visualize, out_sharding=P())
+  visualize = parallel.under_auto_axes(visualize, mesh, P())
   return jax.jit(visualize, out_shardings=parallel.replicated(mesh))
+
+
+class _Setup:
+  """What training and restoring share: the config with defaults, mesh, task, sharded state."""
+
+  def __init__(self, config: Mapping[str, Any], workdir: str | pathlib.Path, task: Task | None):
+    parallel.initialize()
+    self.config = config = config_lib.with_defaults(config)
+    train = config.train
+    self.mesh = parallel.make_mesh(config.mesh)
+    self.rules = parallel.rules_from_config(config.mesh.rules)
+    divisor = parallel.batch_divisor(self.mesh, self.rules)
+    if train.batch_size % divisor:
+      raise ValueError(f"config.train.batch_size {train.batch_size} is not divisible by the "
+                       f"{divisor} batch shards of mesh {dict(self.mesh.shape)}")
+    self.task = task = task or build_task(config)
+    self.tx = make_optimizer(train)
+    self.graphdef, self.state, self.shardings = create_train_state(
+        lambda: task.build_model(nnx.Rngs(train.seed)), self.tx, mesh=self.mesh, rules=self.rules,
+        seed=train.seed, use_ema=bool(train.ema_decay))
+    ckpt = config.checkpoint
+    self.checkpointer = Checkpointer(
+        pathlib.Path(workdir) / "checkpoints", every=ckpt.every, keep=ckpt.keep,
+        async_save=ckpt.async_save,
+        description={"task": config.task, "model": _jsonable(config.get("model"))})
+
+
+def restore(config: Mapping[str, Any], workdir: str | pathlib.Path, *, step: int | None = None,
+            task: Task | None = None) -> TrainResult:
+  """The model state of `config` saved in `workdir` (the latest checkpoint, or `step`); no training."""
+  setup = _Setup(config, workdir, task)
+  with setup.checkpointer as checkpointer:
+    if checkpointer.latest_step() is None:
+      raise FileNotFoundError(f"no checkpoint in {pathlib.Path(workdir) / 'checkpoints'}: "
+                              f"train first (bitgen train --workdir {workdir})")
+    state = checkpointer.restore(setup.state, step=step)
+  return TrainResult(state=state, graphdef=setup.graphdef, history=[], workdir=pathlib.Path(workdir))
 
 
 def run(config: Mapping[str, Any], workdir: str | pathlib.Path, *, task: Task | None = None,
@@ -78,29 +114,15 @@ def run(config: Mapping[str, Any], workdir: str | pathlib.Path, *, task: Task | 
   train_data: overrides the data pipeline: an iterator of per-process batches
     {"image": [B/processes, H, W, 3], ...}; with `get_state`/`set_state` it is checkpointed.
   """
-  parallel.initialize()
-  config = config_lib.with_defaults(config)
+  setup = _Setup(config, workdir, task)
+  config, mesh, rules, task, graphdef, state, shardings, checkpointer = (
+      setup.config, setup.mesh, setup.rules, setup.task, setup.graphdef, setup.state,
+      setup.shardings, setup.checkpointer)
   train, log = config.train, config.log
   workdir = pathlib.Path(workdir)
-  mesh = parallel.make_mesh(config.mesh)
-  rules = parallel.rules_from_config(config.mesh.rules)
-  divisor = parallel.batch_divisor(mesh, rules)
-  if train.batch_size % divisor:
-    raise ValueError(f"config.train.batch_size {train.batch_size} is not divisible by the "
-                     f"{divisor} batch shards of mesh {dict(mesh.shape)}")
-  task = task or build_task(config)
-  tx = make_optimizer(train)
-  schedule = learning_rate_schedule(train)
-  graphdef, state, shardings = create_train_state(
-      lambda: task.build_model(nnx.Rngs(train.seed)), tx, mesh=mesh, rules=rules,
-      seed=train.seed, use_ema=bool(train.ema_decay))
+  tx, schedule = setup.tx, learning_rate_schedule(train)
   parallel.per_process_batch_size(train.batch_size)  # checks the split over processes
   batches = train_data if train_data is not None else _train_iterator(config, train.batch_size)
-
-  ckpt = config.checkpoint
-  checkpointer = Checkpointer(workdir / "checkpoints", every=ckpt.every, keep=ckpt.keep,
-                              async_save=ckpt.async_save,
-                              description={"task": config.task, "model": _jsonable(config.get("model"))})
   if checkpointer.latest_step() is not None:
     state = checkpointer.restore(state, batches)
   start = int(state.step)
