@@ -3,6 +3,7 @@ reference (forward and gradients, masks, odd shapes), fallback rules, sign packi
 
 import importlib.util
 import logging
+import os
 
 import jax
 import jax.numpy as jnp
@@ -12,6 +13,7 @@ from conftest import load_parity
 
 from bitgen.kernels import binary_attention as ba
 from bitgen.kernels.binary_attention import binary_attention, binary_attention_reference
+from bitgen.nn.attention import attention
 from bitgen.quantizers import bits as bits_lib
 
 TOL = dict(atol=1e-5, rtol=1e-4)
@@ -95,25 +97,21 @@ MASKS = {
 def _check_against_reference(implementation, shape, mask, scale_mode, dtype, atol):
   q, k, v = _qkv(jax.random.key(hash((shape, mask, scale_mode)) % 2**31), shape, dtype)
   m = MASKS[mask](shape[1])
-  got = binary_attention(q, k, v, mask=m, scale_mode=scale_mode, implementation=implementation)
-  want = binary_attention_reference(q.astype(jnp.float32), k.astype(jnp.float32),
-                                    v.astype(jnp.float32), mask=m, scale_mode=scale_mode)
+  g = jax.random.normal(jax.random.key(7), shape, jnp.float32).astype(dtype)
+  # One vjp per implementation: the kernel runs once (interpreted kernels are slow on CPU).
+  got, got_vjp = jax.vjp(lambda q, k, v: binary_attention(
+      q, k, v, mask=m, scale_mode=scale_mode, implementation=implementation), q, k, v)
+  want, want_vjp = jax.vjp(lambda q, k, v: binary_attention_reference(
+      q, k, v, mask=m, scale_mode=scale_mode), *(x.astype(jnp.float32) for x in (q, k, v)))
   assert got.dtype == dtype and got.shape == shape
   np.testing.assert_allclose(np.asarray(got, np.float32), want, atol=atol, rtol=0)
-
-  g = jax.random.normal(jax.random.key(7), shape, jnp.float32)
-  loss = lambda fn: lambda q, k, v: jnp.sum(fn(q, k, v).astype(jnp.float32) * g)
-  got_grads = jax.grad(loss(lambda q, k, v: binary_attention(
-      q, k, v, mask=m, scale_mode=scale_mode, implementation=implementation)), (0, 1, 2))(q, k, v)
-  want_grads = jax.grad(loss(lambda q, k, v: binary_attention_reference(
-      q, k, v, mask=m, scale_mode=scale_mode)), (0, 1, 2))(q, k, v)
-  for got_g, want_g in zip(got_grads, want_grads):
-    np.testing.assert_allclose(np.asarray(got_g, np.float32), np.asarray(want_g, np.float32),
-                               atol=atol * 10, rtol=0)
+  for got_g, want_g in zip(got_vjp(g), want_vjp(g.astype(jnp.float32))):
+    np.testing.assert_allclose(np.asarray(got_g, np.float32), want_g, atol=atol * 10, rtol=0)
 
 
-@pytest.mark.parametrize("mask", list(MASKS))
-@pytest.mark.parametrize("scale_mode", ["per_head", "per_token"])
+@pytest.mark.parametrize("mask,scale_mode", [("none", "per_head"), ("causal", "per_token"),
+                                             ("block_causal", "per_head"),
+                                             ("block_causal", "per_token")])
 def test_tpu_kernel_interpreted_matches_reference(mask, scale_mode):
   # T = 200 is no multiple of the 128-token blocks: exercises the padded-key masking too.
   _check_against_reference("pallas_tpu", (1, 200, 2, 64), mask, scale_mode, jnp.float32, 1e-5)
@@ -172,6 +170,16 @@ def test_forced_kernel_refuses_unsupported_inputs():
   q, k, v = _qkv(jax.random.key(6), (1, 16, 2, 64))
   with pytest.raises(ValueError, match="bias"):
     binary_attention(q, k, v, bias=jnp.zeros((1, 2, 16, 16)), implementation="pallas_tpu")
+  if jax.default_backend() != "gpu":
+    with pytest.raises(ValueError, match="CUDA GPU"):
+      binary_attention(q, k, v, implementation="pallas_gpu")
+
+
+def test_nn_attention_binary_kind_is_binary_attention():
+  q, k, v = _qkv(jax.random.key(10), (1, 16, 2, 64))
+  segments = jnp.repeat(jnp.arange(2), 8)
+  np.testing.assert_array_equal(attention(q, k, v, mask=segments, kind="binary"),
+                                binary_attention(q, k, v, mask=segments))
 
 
 @pytest.mark.parametrize("kwargs,error,match", [
@@ -225,6 +233,8 @@ def test_pack_signs_differs_from_bits_convention_only_at_zero():
 def _tpu_topology(name):
   if importlib.util.find_spec("libtpu") is None:
     pytest.skip("libtpu is not installed (pip install libtpu): cannot compile for a TPU topology")
+  # Compile-only use: do not contend for libtpu's one-process lockfile with other jax processes.
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   from jax.experimental import topologies
   return topologies.get_topology_desc(name, "tpu")
 
