@@ -131,3 +131,20 @@ class PackedBitLinear(nnx.Module):
     if self.bias is not None:
       y = y + self.bias[...]
     return y.astype(_output_dtype(x))
+
+
+def pack_bitlinears(model: nnx.Module, implementation: qmm.Implementation = "auto") -> int:
+  """Replaces every `BitLinear` inside `model` by its `pack()`ed form, in place; returns how many."""
+  found = [(path, layer) for path, layer in nnx.iter_graph(model) if isinstance(layer, BitLinear)]
+  for path, layer in found:
+    if not path:
+      raise ValueError("pack_bitlinears replaces layers inside a model; call .pack() on a BitLinear itself")
+    parent = model
+    for key in path[:-1]:
+      parent = parent[key] if isinstance(key, int) else getattr(parent, key)
+    packed = layer.pack(implementation)
+    if isinstance(path[-1], int):
+      parent[path[-1]] = packed
+    else:
+      setattr(parent, path[-1], packed)
+  return len(found)

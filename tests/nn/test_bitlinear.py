@@ -7,8 +7,10 @@ import optax
 import pytest
 from flax import nnx
 
-from bitgen.nn.bitlinear import BitLinear, PackedBitLinear, quantize_activations, quantize_weights
+from bitgen.nn.bitlinear import (BitLinear, PackedBitLinear, pack_bitlinears, quantize_activations,
+                                 quantize_weights)
 from bitgen.nn.linear import linear
+from bitgen.nn.transformer import BlockConfig, Transformer
 from bitgen.parallel.axes import LOGICAL_AXES
 
 
@@ -118,3 +120,14 @@ def test_tiny_bitlinear_mlp_learns():
 
   losses = [float(step(model, optimizer)) for _ in range(300)]
   assert losses[-1] < 0.3 * losses[0], (losses[0], losses[-1])
+
+
+def test_transformer_with_bitnet_linears_trains_and_packs():
+  model = Transformer(BlockConfig(width=64, heads=4, linear="bitnet"), depth=1, rngs=nnx.Rngs(8))
+  x = jax.random.normal(jax.random.key(9), (2, 5, 64))
+  grads = nnx.grad(lambda m: jnp.mean(m(x) ** 2))(model)
+  assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree.leaves(grads))
+  y_train = model(x)
+  assert pack_bitlinears(model, implementation="reference") == 6  # q, k, v, out, up, down
+  assert not any(isinstance(m, BitLinear) for _, m in nnx.iter_graph(model))
+  np.testing.assert_allclose(model(x), y_train, rtol=1e-4, atol=1e-4)
