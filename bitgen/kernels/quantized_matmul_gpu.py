@@ -1,10 +1,14 @@
 """GPU kernels for `quantized_matmul`, written in Pallas for its Triton backend (Hopper first).
 
+Triton, not Mosaic GPU: a first kernel that runs on jax 0.11.2 and 0.12 alike (jax warns that the
+Pallas Triton backend is deprecated); a Mosaic GPU (`plgpu`, wgmma) version is still to be written.
+
 Two paths, chosen by the number of rows M of x:
-- GEMV (M <= 16, decode): one program per block of `block_n` output channels streams its weight rows
-  once over all of K. Ternary words are unpacked in registers, one 2-bit plane at a time (see
-  `ternary_pack`: plane j of a group is a contiguous run of K), and fed to an int8 MMA with the
-  weights as the M side ("swap AB": the tensor cores need >= 16 rows, the activations give only M).
+- GEMV (M <= 16, decode): a program per (block of `block_n` output channels, split of K) streams its
+  weight rows once; splits write int32 partials that one small XLA op sums and scales. Each step
+  unpacks a tile of ternary words in registers into all 16 planes at once (see `ternary_pack`: plane
+  j of a group is a contiguous run of K, so the activations are read as plain slices) and feeds one
+  int8 MMA with the weights as the M side ("swap AB": the tensor cores need >= 16 rows; x has M).
 - GEMM (M > 16, prefill / training shapes): an output-tiled int8 x int8 -> int32 MMA over K, both
   operands K-major, programs ordered in column groups for L2 reuse. Ternary weights are unpacked to
   int8 first: this path is bound by arithmetic, not by weight bytes.
@@ -66,13 +70,13 @@ def default_config(m: int, k: int, n: int, ternary: bool) -> GemvConfig | GemmCo
     block_n = _largest_dividing(n, (128, 64, 32, 16))
     if block_n is None:
       return f"GEMV needs N a multiple of 16, got N={n}"
-    if ternary:
+    if ternary:  # tuned at M=8, K=N=8192 on an H100 (bench --sweep)
       g = ternary_pack.group_words(k)
       if g < _MIN_DOT_K:
         return f"ternary GEMV needs packing groups of >= {_MIN_DOT_K} words (K a multiple of 512), got K={k}"
-      return GemvConfig(block_n=min(block_n, 64), block_k=ternary_pack.VALUES_PER_WORD * min(g, 64),
-                        split_k=_gemv_split(k, n, min(block_n, 64), ternary_pack.VALUES_PER_WORD * g),
-                        num_warps=8)
+      block_n, group_values = min(block_n, 64), ternary_pack.VALUES_PER_WORD * g
+      return GemvConfig(block_n=block_n, block_k=ternary_pack.VALUES_PER_WORD * min(g, 64),
+                        split_k=_gemv_split(k, n, block_n, group_values), num_warps=8)
     block_k = _largest_dividing(k, (256, 128, 64, 32))
     if block_k is None:
       return f"int8 GEMV needs K a multiple of 32, got K={k}"
