@@ -102,15 +102,19 @@ def main_job_config() -> ml_collections.ConfigDict:
   Sized for a 2-core CPU in under 10 minutes. Official loss (L1 + ramped quantizer loss); a higher
   learning rate and a short warm-up than the B/8 recipe, since the run is short and small.
   """
-  return ml_collections.ConfigDict(dict(
+  # Imported here: models load this file on machines without tfds. `with_defaults` lists every
+  # key, so any of them can be overridden (`--set log.progress=False`).
+  from bitgen import data  # pylint: disable=g-import-not-at-top
+  from bitgen.train.config import with_defaults  # pylint: disable=g-import-not-at-top
+  return with_defaults(ml_collections.ConfigDict(dict(
       model=model_config("tiny"),
-      data=dict(name="embedded_photos", image_size=64),
+      data=data.get_config("embedded_photos", image_size=64),
       train=dict(batch_size=32, steps=2000, seed=0, lr=1e-3, warmup_steps=100, lr_end_factor=0.05,
                  ema_decay=None, loss=dict(codebook_rampup_steps=200)),
       checkpoint=dict(every=500, keep=2),
       log=dict(every=50, grid_every=500, grid_images=8),
       mesh=dict(shape=(1, -1, 1)),
-  ))
+  )))
 
 
 def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:

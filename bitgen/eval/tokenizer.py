@@ -39,8 +39,9 @@ def evaluate_tokenizer(model: nnx.Module, data_config: Any, *, mesh: jax.shardin
     return dict(psnr=psnr, ssim=ssim, baseline_psnr=base_psnr, baseline_ssim=base_ssim,
                 codes=quantized.codes)
 
+  mesh = parallel.with_auto_axes(mesh)  # the model's arrays live there (TrainResult.model)
   sharding = parallel.batch_sharding(mesh, rules)
-  forward = jax.jit(parallel.under_auto_axes(forward, mesh, sharding.spec))
+  forward = jax.jit(forward)
   pipeline = data.make_pipeline(data_config, split="eval", batch_size=batch_size, seed=0)
   results: dict[str, list[np.ndarray]] = {}
   with jax.set_mesh(mesh):

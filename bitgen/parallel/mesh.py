@@ -52,3 +52,8 @@ def make_mesh(mesh_config: Mapping[str, Any], devices: Sequence[jax.Device] | No
     raise ValueError(f"mesh axis_types {kind!r} unknown; expected one of {sorted(_AXIS_TYPES)}")
   return jax.make_mesh(
       shape, MESH_AXES, axis_types=(_AXIS_TYPES[kind],) * len(MESH_AXES), devices=devices)
+
+
+def with_auto_axes(mesh: Mesh) -> Mesh:
+  """The same devices and axes, all of type Auto (arrays placed on it carry no sharding types)."""
+  return Mesh(mesh.devices, mesh.axis_names, axis_types=(AxisType.Auto,) * len(mesh.axis_names))

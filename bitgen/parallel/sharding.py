@@ -16,6 +16,7 @@ from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from bitgen.parallel.axes import LOGICAL_AXES
+from bitgen.parallel.mesh import with_auto_axes
 
 MeshAxes = str | tuple[str, ...] | None
 Rules = Mapping[str, MeshAxes]
@@ -108,3 +109,15 @@ def under_auto_axes(fn, mesh: Mesh, out_sharding):
   if has_explicit_axes(mesh):
     return jax.sharding.auto_axes(fn, out_sharding=out_sharding)
   return fn
+
+
+def to_auto_axes(tree):
+  """`tree` with every array kept in place but moved to its mesh's Auto-axes twin, so plain model
+  code (eager calls, user jits) runs on it with GSPMD propagation instead of Explicit types."""
+  def retype(x):
+    sharding = getattr(x, "sharding", None)
+    if not isinstance(sharding, NamedSharding) or not has_explicit_axes(sharding.mesh):
+      return x
+    return jax.device_put(x, NamedSharding(with_auto_axes(sharding.mesh), sharding.spec))
+
+  return jax.tree.map(retype, tree)

@@ -36,9 +36,10 @@ class TrainResult:
   workdir: pathlib.Path
 
   def model(self, ema: bool = False) -> nnx.Module:
-    """The trained model (with the EMA parameters when `ema` and EMA is on)."""
+    """The trained model (with the EMA parameters when `ema` and EMA is on), still sharded, on
+    Auto mesh axes so that it can be called like any module (eagerly or in a user's jit)."""
     params = self.state.ema_params if ema and self.state.ema_params else self.state.params
-    return nnx.merge(self.graphdef, params, self.state.extra)
+    return nnx.merge(self.graphdef, *parallel.to_auto_axes((params, self.state.extra)))
 
 
 def build_task(config) -> Task:
