@@ -14,6 +14,16 @@ Transformer + its VAE (`config.model` -> `bitgen.models.infinity.InfinityConfig`
 - "2b": width 2048, 32 blocks, 16 heads (official `infinity_2b`, 2.2B), d32 VAE, flan-T5-XL text.
 - "8b": width 3584, 40 blocks, 28 heads (official `infinity_8b`, 8.4B), d14 stride-8 VAE with 2x2
   spatial patchify (56 bits per token).
+
+Training on the embedded photos, class-conditional (label = source photo), sized for a 2-core CPU:
+- "train_tiny_vae": stage 1, the tiny VAE as a tokenizer (task "infinity_vae": L1 + multi-scale
+  quantizer loss) on 64 px crops (4x4 latents: 3 scales).
+- "train_tiny": stage 2, a class-conditional transformer (task "infinity") on the frozen stage-1
+  VAE read from `vae_source` (that run's workdir), with the official recipe: bitwise
+  self-correction (flip p in {0, .01, .., .30} on the first 13 scales), scale-reweighted bit loss,
+  10% condition dropout, AdamW (0.9, 0.97), weight decay 0.005, grad clip 5, constant lr
+  6e-3 * batch / 256 (train.sh: tblr 6e-3, sche lin0 with wpe 1).
+Both build their task with `bitgen.train.infinity.build_task(config)`.
 """
 
 import ml_collections
@@ -73,10 +83,58 @@ def model_config(variant: str) -> ml_collections.ConfigDict:
   ))
 
 
+NUM_PHOTOS = 10  # labels of the embedded photos (bitgen.data.embedded_photos.PHOTO_NAMES)
+
+
+def train_tiny_vae_config() -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict(dict(
+      task="infinity_vae",
+      model=vae_config("vae_tiny"),
+      data=dict(name="embedded_photos", image_size=64),
+      train=dict(batch_size=16, steps=2000, seed=0, lr=1e-3, warmup_steps=100, lr_end_factor=0.1,
+                 b1=0.9, b2=0.95, weight_decay=1e-4, ema_decay=None,
+                 loss=dict(reconstruct_weight=1.0, codebook_weight=0.1, codebook_rampup_multiplier=1.0)),
+      checkpoint=dict(every=500, keep=2),
+      log=dict(every=50, grid_every=500, grid_images=8),
+      mesh=dict(shape=(1, -1, 1)),
+  ))
+
+
+def train_tiny_config(vae_source: str = "workdirs/infinity_tiny_vae") -> ml_collections.ConfigDict:
+  batch_size = 32
+  stage1 = train_tiny_vae_config()
+  model = ml_collections.ConfigDict(dict(
+      embed_dim=128, depth=4, num_heads=4, mlp_ratio=4.0, num_bits=stage1.model.codebook_dim,
+      text_channels=128, text_maxlen=1, num_classes=NUM_PHOTOS, norm_eps=1e-6, cond_drop_rate=0.1,
+      spatial_patchify=False, linear="dense", attention="dense"))
+  return ml_collections.ConfigDict(dict(
+      task="infinity",
+      model=model,
+      vae=stage1.model,
+      vae_stage=stage1,
+      vae_source=vae_source,
+      data=dict(name="embedded_photos", image_size=64),
+      train=dict(batch_size=batch_size, steps=3000, seed=0, lr=6e-3 * batch_size / 256, warmup_steps=50,
+                 lr_start_factor=0.0, lr_end_factor=1.0, b1=0.9, b2=0.97, weight_decay=0.005,
+                 grad_clip_norm=5.0, ema_decay=None,
+                 loss=dict(cond_drop_rate=0.1, noise_strength=0.3, noise_layers=13, requantize=True,
+                           num_train_scales=100, reweight_by_scale=True, label_smoothing=0.0)),
+      checkpoint=dict(every=500, keep=2),
+      log=dict(every=50, grid_every=1000, grid_images=8),
+      mesh=dict(shape=(1, -1, 1)),
+  ))
+
+
+TRAIN_VARIANTS = {"train_tiny_vae": train_tiny_vae_config, "train_tiny": train_tiny_config}
+
+
 def get_config(arg: str = "2b") -> ml_collections.ConfigDict:
   if arg in VAE_VARIANTS:
     return ml_collections.ConfigDict(dict(vae=vae_config(arg)))
   if arg in MODEL_VARIANTS:
     vae, pn = MODEL_VARIANTS[arg][5], MODEL_VARIANTS[arg][7]
     return ml_collections.ConfigDict(dict(model=model_config(arg), vae=vae_config(vae), pn=pn))
-  raise ValueError(f"unknown Infinity config {arg!r}; known: {sorted(MODEL_VARIANTS) + sorted(VAE_VARIANTS)}")
+  if arg in TRAIN_VARIANTS:
+    return TRAIN_VARIANTS[arg]()
+  known = sorted(MODEL_VARIANTS) + sorted(VAE_VARIANTS) + sorted(TRAIN_VARIANTS)
+  raise ValueError(f"unknown Infinity config {arg!r}; known: {known}")

@@ -54,7 +54,10 @@ class InfinityTask:
     self.model_config = model_config
     self.loss_config = (loss if isinstance(loss, InfinityLossConfig)
                         else InfinityLossConfig(**(loss or {})))
-    self.vae_graphdef, self.vae_state = nnx.split(vae)
+    # Host copies: the VAE enters the (sharded) train step as constants, never with the mesh types
+    # of the run that trained it.
+    self.vae_graphdef, state = nnx.split(vae)
+    self.vae_state = jax.device_get(state)
 
   def build_model(self, rngs: nnx.Rngs) -> nnx.Module:
     return Infinity(self.model_config, rngs=rngs)
@@ -123,3 +126,44 @@ class InfinityTask:
     generation = next_scale.generate(model, schedule, jax.random.key(0), labels=batch["label"],
                                      cfg=3.0)
     return {"inputs": images, "outputs": self.vae.decode(generation.latent)}
+
+
+def build_task(config) -> Any:
+  """The task of an Infinity training config (`configs/infinity.py`), by `config.task`:
+
+  - "infinity_vae": the VAE as an image tokenizer (`TokenizerTask`: L1 + multi-scale quantizer
+    loss, optional LPIPS); `config.model` is an `InfinityVAEConfig` dict.
+  - "infinity": the transformer on a frozen VAE; `config.model` is an `InfinityConfig` dict,
+    and the VAE comes from `config.vae_source` (see `load_vae`).
+  """
+  from bitgen import configlib  # pylint: disable=g-import-not-at-top
+  from bitgen.models.infinity_vae import InfinityVAE, InfinityVAEConfig  # pylint: disable=g-import-not-at-top
+  if config.task == "infinity_vae":
+    from bitgen.train.tokenizer import TokenizerTask  # pylint: disable=g-import-not-at-top
+    vae_config = configlib.from_dict(InfinityVAEConfig, config.model, where="config.model")
+    return TokenizerTask(loss=config.train.get("loss"),
+                         model_fn=lambda rngs: InfinityVAE(vae_config, rngs=rngs))
+  if config.task == "infinity":
+    model_config = configlib.from_dict(InfinityConfig, config.model, where="config.model")
+    return InfinityTask(model_config, load_vae(config), loss=config.train.get("loss"))
+  raise ValueError(f"unknown Infinity task {config.task!r}; expected 'infinity_vae' or 'infinity'")
+
+
+def load_vae(config) -> nnx.Module:
+  """The frozen VAE of a transformer config.
+
+  `config.vae_source` is the workdir of a finished VAE run whose complete config is
+  `config.vae_stage` (the EMA weights when that run kept an EMA), or an official checkpoint file
+  read with `config.vae` (an `InfinityVAEConfig` dict).
+  """
+  import pathlib  # pylint: disable=g-import-not-at-top
+  source = pathlib.Path(config.vae_source)
+  if source.is_dir():
+    from bitgen.train import config as config_lib  # pylint: disable=g-import-not-at-top
+    from bitgen.train import trainer  # pylint: disable=g-import-not-at-top
+    stage1 = config_lib.with_defaults(config.vae_stage)
+    return trainer.restore(stage1, source, task=build_task(stage1)).model(ema=True)
+  from bitgen import configlib  # pylint: disable=g-import-not-at-top
+  from bitgen.convert import infinity as convert  # pylint: disable=g-import-not-at-top
+  from bitgen.models.infinity_vae import InfinityVAEConfig  # pylint: disable=g-import-not-at-top
+  return convert.load_vae(source, configlib.from_dict(InfinityVAEConfig, config.vae, where="config.vae"))

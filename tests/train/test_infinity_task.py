@@ -79,3 +79,33 @@ def test_bad_pairs_raise():
   with pytest.raises(ValueError, match="num_classes"):
     InfinityTask(InfinityConfig(embed_dim=64, depth=1, num_heads=2, num_bits=8, text_channels=128),
                  nnx.eval_shape(lambda: InfinityVAE(VAE, rngs=nnx.Rngs(0))))
+
+
+@pytest.mark.slow
+def test_two_stage_configs_train_with_the_foundation_trainer(tmp_path):
+  """configs/infinity.py train_tiny_vae then train_tiny (a few steps, synthetic batches, 8 devices)."""
+  from bitgen.train import infinity as infinity_train
+  from bitgen.train import trainer
+  from configs import infinity as configs
+
+  def data(batch_size):
+    rng = np.random.default_rng(0)
+    while True:
+      yield {"image": np.tanh(rng.normal(size=(batch_size, 32, 32, 3))).astype(np.float32),
+             "label": rng.integers(0, configs.NUM_PHOTOS, batch_size).astype(np.int32)}
+
+  quick = dict(batch_size=8, steps=2, warmup_steps=1)
+  stage1 = configs.get_config("train_tiny_vae")
+  stage1.train.update(quick)
+  stage1.log.update(grid_every=0, progress=False)
+  stage1.checkpoint.update(every=2, async_save=False)
+  trainer.run(stage1, tmp_path / "vae", task=infinity_train.build_task(stage1), train_data=data(8))
+  stage2 = configs.get_config("train_tiny")
+  stage2.vae_stage = stage1
+  stage2.vae_source = str(tmp_path / "vae")
+  stage2.train.update(quick)
+  stage2.log.update(every=1, grid_every=2, grid_images=2, progress=False)
+  stage2.checkpoint.update(every=1000, async_save=False)
+  result = trainer.run(stage2, tmp_path / "ar", task=infinity_train.build_task(stage2), train_data=data(8))
+  assert np.isfinite(result.history[-1]["loss"]) and "bits_per_bit" in result.history[-1]
+  assert any((tmp_path / "ar" / "grids").iterdir())
