@@ -22,11 +22,11 @@ def test_psnr_matches_mse_definition():
 
 def test_code_statistics_binary_and_multilevel():
   codes = np.array([[0, 1, 1], [1, 1, 0], [0, 1, 1], [1, 1, 0]])
-  stats = metrics.code_statistics(codes)
+  stats = metrics.code_statistics(codes, codebook_size=8)
   np.testing.assert_allclose(stats["per_dim_entropy"], [1.0, 0.0, 1.0])
   assert stats["unique_codes"] == 2
   assert stats["code_usage"] == 2 / 4
-  stats = metrics.code_statistics(np.arange(9).reshape(9, 1), levels=9)
+  stats = metrics.code_statistics(np.arange(9).reshape(9, 1), codebook_size=9)
   np.testing.assert_allclose(stats["per_dim_entropy"], [np.log2(9)])
   assert stats["code_usage"] == 1.0
 
