@@ -76,7 +76,6 @@ def model_config(variant: str) -> ml_collections.ConfigDict:
       text_maxlen=text_maxlen,
       num_classes=0,
       norm_eps=1e-6,
-      cond_drop_rate=0.1,
       spatial_patchify=patchify,
       linear="dense",
       attention="dense",
@@ -105,7 +104,7 @@ def train_tiny_config(vae_source: str = "workdirs/infinity_tiny_vae") -> ml_coll
   stage1 = train_tiny_vae_config()
   model = ml_collections.ConfigDict(dict(
       embed_dim=128, depth=4, num_heads=4, mlp_ratio=4.0, num_bits=stage1.model.codebook_dim,
-      text_channels=128, text_maxlen=1, num_classes=NUM_PHOTOS, norm_eps=1e-6, cond_drop_rate=0.1,
+      text_channels=128, text_maxlen=1, num_classes=NUM_PHOTOS, norm_eps=1e-6,
       spatial_patchify=False, linear="dense", attention="dense"))
   return ml_collections.ConfigDict(dict(
       task="infinity",

@@ -49,7 +49,6 @@ class InfinityConfig:
   text_maxlen: int = 512
   num_classes: int = 0  # > 0: class-conditional (labels as one-token captions)
   norm_eps: float = 1e-6
-  cond_drop_rate: float = 0.1
   spatial_patchify: bool = False  # tokens are 2x2 patches of the VAE latent (Infinity-8B)
   linear: LinearKind = "dense"
   attention: AttentionKind = "dense"
