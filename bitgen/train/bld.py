@@ -252,7 +252,6 @@ def check_configs(config_ae, config_prior) -> None:
                      "classes")
 
 
-
 def train_bld(config_ae, config_prior, workdir: str | pathlib.Path, *,
               eval_batch_size: int = 64) -> dict[str, Any]:
   """Trains the autoencoder (`<workdir>/ae`), then the prior on its frozen bits

@@ -16,7 +16,8 @@ from bitgen.train import bld as bld_train
 from bitgen.train import run
 from configs import bld as bld_configs
 
-AE = dict(image_size=16, in_channels=3, base_channels=32, channel_mult=(1, 2), num_res_blocks=1,
+# No downsampling and one res block: the smallest graph, so the gradient compiles quickly.
+AE = dict(image_size=8, in_channels=3, base_channels=32, channel_mult=(1,), num_res_blocks=1,
           attn_resolutions=(), emb_dim=32, num_bits=8, decoder_res_mult=1.0, norm_first=True,
           code_weight=0.0)
 DENOISER = dict(num_bits=8, latent_size=8, width=32, heads=2, depth=1, num_classes=3,
@@ -28,7 +29,7 @@ DIFFUSION = dict(total_steps=8, beta_type="linear", p_flip=True, loss_type="bala
 def smooth_images(count: int, seed: int = 0) -> np.ndarray:
   """Low-frequency colour patterns in [-1, 1] (learnable in a few steps, unlike noise)."""
   rng = np.random.default_rng(seed)
-  grid = np.linspace(0, np.pi, 16)
+  grid = np.linspace(0, np.pi, AE["image_size"])
   phase = rng.uniform(0, 2 * np.pi, (count, 1, 1, 3))
   return np.sin(grid[None, :, None, None] + grid[None, None, :, None] + phase).astype(np.float32)
 
@@ -48,17 +49,23 @@ def repeat(batch):
 def test_autoencoder_task_trains_and_samples_its_bits(tmp_path):
   task = bld_train.AutoencoderTask(AE)
   images = smooth_images(8)
-  model = task.build_model(nnx.Rngs(0))
   batch = {"image": jnp.asarray(images)}
-  loss = lambda key: task.loss(model, batch, step=0, rng=key)[0]
+
+  @nnx.jit
+  def check(model):
+    loss = lambda m, key: task.loss(m, batch, step=0, rng=key)[0]
+    keys = jax.random.key(1), jax.random.key(1), jax.random.key(2)
+    grads = nnx.grad(loss)(model, keys[0])
+    thresholded = model.decode(model.encode(batch["image"]))
+    return ([loss(model, k) for k in keys], nnx.state(grads.encoder),
+            task.visualize(model, batch)["outputs"], thresholded)
+
+  losses, encoder_grads, shown, thresholded = check(task.build_model(nnx.Rngs(0)))
   # Training draws the bits ~ Bernoulli(p) from the step's key; the grid shows the thresholded bits.
-  assert float(loss(jax.random.key(1))) == float(loss(jax.random.key(1)))
-  assert float(loss(jax.random.key(1))) != float(loss(jax.random.key(2)))
-  shown = task.visualize(model, batch)["outputs"]
-  np.testing.assert_array_equal(shown, model.decode(model.encode(batch["image"])))
-  grads = nnx.grad(lambda m: task.loss(m, batch, step=0, rng=jax.random.key(1))[0])(model)
+  assert losses[0] == losses[1] != losses[2]
+  np.testing.assert_allclose(shown, thresholded, atol=1e-5)
   # The straight-through estimator carries gradients into the encoder.
-  encoder_grads = jax.tree.leaves(nnx.state(grads.encoder))
+  encoder_grads = jax.tree.leaves(encoder_grads)
   assert all(np.isfinite(g).all() for g in encoder_grads)
   assert any(np.abs(g).max() > 0 for g in encoder_grads)
 
@@ -80,11 +87,20 @@ def test_prior_task_trains(tmp_path):
   task = bld_train.PriorTask(DENOISER, DIFFUSION, label_dropout=0.1)
   labels = np.arange(32, dtype=np.int32) % 3
   batch = {"bits": class_bits(labels), "label": labels}
-  result = run({"model": DENOISER, **train_config(12, 32, 3e-3)}, tmp_path, task=task,
+  result = run({"model": DENOISER, **train_config(16, 32, 3e-3)}, tmp_path, task=task,
                train_data=repeat(batch))
-  losses = np.array([h["loss"] for h in result.history])
-  assert np.isfinite(losses).all() and np.isfinite([h["grad_norm"] for h in result.history]).all()
-  assert losses[-3:].mean() < 0.7 * losses[:3].mean()
+  history = [(h["loss"], h["grad_norm"]) for h in result.history]
+  assert np.isfinite(history).all()
+
+  @nnx.jit
+  def mean_loss(model):
+    # The same draws of t, x_t and label dropout for both models: only the weights differ.
+    keys = jax.random.split(jax.random.key(7), 16)
+    return jnp.mean(jnp.stack([task.loss(model, batch, step=0, rng=k)[0] for k in keys]))
+
+  before = mean_loss(task.build_model(nnx.Rngs(0)))
+  after = mean_loss(bld_train.on_one_device(result.model()))
+  assert after < 0.95 * before
   with pytest.raises(ValueError, match=r"needs batch\['label'\]"):
     task.loss(result.model(), {"bits": batch["bits"]}, step=0, rng=jax.random.key(0))
 
@@ -137,8 +153,9 @@ def test_bad_prior_options():
 
 
 def tiny_photos_configs(steps: int):
-  """configs/bld.py photos_ae / photos_prior shrunk to 16^2 crops and a few steps."""
-  data = {**fixtures.data_config(fixtures.photos_dir()), "eval_grid": 1}
+  """configs/bld.py photos_ae / photos_prior shrunk to 8^2 crops and a few steps."""
+  data = {**fixtures.data_config(fixtures.photos_dir()), "image_size": AE["image_size"],
+          "eval_grid": 1}
   ae, prior = bld_configs.get_config("photos_ae"), bld_configs.get_config("photos_prior")
   for config, batch in ((ae, 4), (prior, 8)):
     config.data = data
@@ -165,7 +182,7 @@ def test_train_bld_then_sample_grid(tmp_path):
     assert set(bound) == {"marginal", "sampler"} and all(v > 0 for v in bound.values())
 
   path = bld_train.sample_grid(ae, prior, tmp_path, tmp_path / "grid.png", batch=3, steps=3, columns=3)
-  assert np.asarray(Image.open(path)).shape == (16, 48, 3)
+  assert np.asarray(Image.open(path)).shape == (8, 24, 3)
   with pytest.raises(ValueError, match=r"sampling steps \(9\) exceed the 8"):
     bld_train.sample_grid(ae, prior, tmp_path, tmp_path / "x.png", batch=1, steps=9)
 
