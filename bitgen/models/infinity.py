@@ -250,6 +250,19 @@ class TextProjection(nnx.Module):
     return self.fc2(jax.nn.gelu(self.fc1(text), approximate=True))
 
 
+def pad_packed_text(packed: np.ndarray, lengths) -> np.ndarray:
+  """The official packed varlen text (sum(lengths), C) -> padded (B, max(lengths), C), zeros after."""
+  lengths = np.asarray(lengths)
+  if packed.ndim != 2 or packed.shape[0] != lengths.sum():
+    raise ValueError(
+        f"packed text {tuple(packed.shape)} does not hold sum(lengths)={int(lengths.sum())} rows")
+  out = np.zeros((len(lengths), int(lengths.max()), packed.shape[1]), packed.dtype)
+  starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+  for b, (start, n) in enumerate(zip(starts, lengths)):
+    out[b, :n] = packed[start:start + n]
+  return out
+
+
 def check_vae_compatible(vae_num_bits: int, config: InfinityConfig) -> None:
   """Raises unless the VAE's bits per latent position fit the transformer's bits per token."""
   expected = vae_num_bits * (4 if config.spatial_patchify else 1)

@@ -12,7 +12,7 @@ from bitgen.convert import infinity as convert
 from bitgen.convert.checkpoint_io import CheckpointError
 from bitgen.models import infinity_loss
 from bitgen.models import infinity_schedules as schedules
-from bitgen.models.infinity import Infinity, InfinityConfig, check_vae_compatible
+from bitgen.models.infinity import Infinity, InfinityConfig, check_vae_compatible, pad_packed_text
 from bitgen.nn import infinity_blocks
 from configs import infinity as configs
 
@@ -36,12 +36,7 @@ def model(weights):
 
 
 def padded_text(io):
-  """The official packed varlen text (sum(lens), Ct5) -> padded (B, max_len, Ct5)."""
-  lens, cu, packed = io["text_lens"], io["text_cu_seqlens_k"], io["text_kv_compact"]
-  text = np.zeros((len(lens), lens.max(), packed.shape[-1]), np.float32)
-  for b, n in enumerate(lens):
-    text[b, :n] = packed[cu[b]:cu[b + 1]]
-  return jnp.asarray(text), jnp.asarray(lens)
+  return jnp.asarray(pad_packed_text(io["text_kv_compact"], io["text_lens"])), jnp.asarray(io["text_lens"])
 
 
 @nnx.jit(static_argnums=2)
@@ -166,6 +161,15 @@ def test_bad_inputs_raise(model, io):
   with pytest.raises(ValueError, match="32 bits per token but the transformer predicts 16"):
     check_vae_compatible(32, TINY)
   check_vae_compatible(14, configlib.from_dict(InfinityConfig, configs.get_config("8b").model))
+
+
+def test_pad_packed_text():
+  packed = np.arange(10, dtype=np.float32).reshape(5, 2)
+  padded = pad_packed_text(packed, [2, 3])
+  np.testing.assert_array_equal(padded[0], [[0, 1], [2, 3], [0, 0]])
+  np.testing.assert_array_equal(padded[1], [[4, 5], [6, 7], [8, 9]])
+  with pytest.raises(ValueError, match="sum\\(lengths\\)=6"):
+    pad_packed_text(packed, [3, 3])
 
 
 def test_class_conditional_model_trains_through_the_text_path():

@@ -10,7 +10,7 @@ from flax import nnx
 from bitgen import configlib
 from bitgen.convert import infinity as convert
 from bitgen.models import infinity_schedules as schedules
-from bitgen.models.infinity import Infinity, InfinityConfig
+from bitgen.models.infinity import Infinity, InfinityConfig, pad_packed_text
 from bitgen.quantizers import multiscale
 from bitgen.sample import next_scale
 from configs import infinity as configs
@@ -30,11 +30,7 @@ def model():
 
 
 def padded_text(io):
-  lens, cu, packed = io["text_lens"], io["text_cu_seqlens_k"], io["text_kv_compact"]
-  text = np.zeros((len(lens), lens.max(), packed.shape[-1]), np.float32)
-  for b, n in enumerate(lens):
-    text[b, :n] = packed[cu[b]:cu[b + 1]]
-  return jnp.asarray(text), jnp.asarray(lens)
+  return jnp.asarray(pad_packed_text(io["text_kv_compact"], io["text_lens"])), jnp.asarray(io["text_lens"])
 
 
 def test_greedy_generation_matches_official(model, io):
