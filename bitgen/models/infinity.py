@@ -63,6 +63,9 @@ class InfinityConfig:
                        "(the attentive pool has text_channels / 128 heads)")
     if self.embed_dim % self.pool_heads:
       raise ValueError(f"embed_dim {self.embed_dim} is not divisible by the pool's {self.pool_heads} heads")
+    if self.mlp_hidden < 1:
+      raise ValueError(f"the FFN width round(embed_dim * mlp_ratio / 256) * 256 is 0 for embed_dim "
+                       f"{self.embed_dim}, mlp_ratio {self.mlp_ratio}: use embed_dim * mlp_ratio >= 128")
     if self.num_classes == 0 and self.text_maxlen < 1:
       raise ValueError("a text-conditional model needs text_maxlen >= 1")
 

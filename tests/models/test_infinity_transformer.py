@@ -1,5 +1,7 @@
 """Infinity transformer and its converter vs the official model (../shared/parity/infinity_transformer)."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -199,3 +201,22 @@ def test_class_conditional_model_trains_through_the_text_path():
     model(x, schedule, labels=jnp.array([5, 0]))
   with pytest.raises(ValueError, match="not text"):
     model(x, schedule, text=jnp.zeros((2, 1, 128)), text_lengths=jnp.ones(2, jnp.int32))
+
+
+@pytest.mark.parametrize("linear_kind, attention_kind", [("bitnet", "dense"), ("dense", "binary")])
+def test_linear_and_attention_switches_reach_the_model(linear_kind, attention_kind):
+  config = InfinityConfig(embed_dim=64, depth=1, num_heads=2, num_bits=4, text_channels=128,
+                          text_maxlen=1, num_classes=2, linear=linear_kind, attention=attention_kind)
+  dense = dataclasses.replace(config, linear="dense", attention="dense")
+  model, reference = Infinity(config, rngs=nnx.Rngs(0)), Infinity(dense, rngs=nnx.Rngs(0))
+  schedule = schedules.schedule_for(1.0, "0.06M").prefix(2)
+  x = jax.random.normal(jax.random.key(0), (2, schedule.num_tokens - 1, 4))
+  forward = nnx.jit(lambda m: m(x, schedule, labels=jnp.array([0, 1])))
+  logits = forward(model)
+  assert logits.shape == (2, schedule.num_tokens, 8) and np.isfinite(np.asarray(logits)).all()
+  assert not np.allclose(logits, forward(reference), atol=1e-4)  # the switch changed the math
+
+
+def test_config_rejects_an_empty_ffn():
+  with pytest.raises(ValueError, match="FFN width"):
+    InfinityConfig(embed_dim=32, depth=1, num_heads=2, num_bits=4, text_channels=128)

@@ -66,7 +66,7 @@ def test_kv_cache_agrees_with_teacher_forcing(model, io):
 
 
 def test_sampling_is_deterministic_given_key():
-  config = InfinityConfig(embed_dim=32, depth=1, num_heads=2, num_bits=4, text_channels=128,
+  config = InfinityConfig(embed_dim=64, depth=1, num_heads=2, num_bits=4, text_channels=128,
                           text_maxlen=1, num_classes=3)
   model = Infinity(config, rngs=nnx.Rngs(0))
   schedule = schedules.schedule_for(1.0, "0.06M").prefix(3)
@@ -80,7 +80,7 @@ def test_sampling_is_deterministic_given_key():
 
 
 def test_repeated_calls_do_not_retrace(monkeypatch):
-  config = InfinityConfig(embed_dim=32, depth=1, num_heads=2, num_bits=4, text_channels=128,
+  config = InfinityConfig(embed_dim=64, depth=1, num_heads=2, num_bits=4, text_channels=128,
                           text_maxlen=1, num_classes=3)
   model = Infinity(config, rngs=nnx.Rngs(0))
   schedule = schedules.schedule_for(1.0, "0.06M").prefix(2)
