@@ -148,6 +148,20 @@ def _encode_all(autoencoder, images: np.ndarray, *, batch_size: int, sampled: bo
   return np.concatenate(out)
 
 
+@nnx.jit
+def _bit_entropy(autoencoder, images):
+  p = jnp.clip(autoencoder.encode_probs(images), _PROB_EPS, 1 - _PROB_EPS)
+  return -jnp.mean(p * jnp.log2(p) + (1 - p) * jnp.log2(1 - p), axis=(1, 2, 3))
+
+
+def encoder_bit_entropy(autoencoder: nnx.Module, images: np.ndarray, *, batch_size: int) -> float:
+  """Mean binary entropy (bits per bit) of the encoder's probabilities p on `images`: the entropy of
+  sampled bits ~ Bernoulli(p) given the image, a floor under any prior's NLL on such bits."""
+  values = [np.asarray(_bit_entropy(autoencoder, jnp.asarray(images[i:i + batch_size])))
+            for i in range(0, len(images), batch_size)]
+  return float(np.concatenate(values).mean())
+
+
 def _bound_mean(denoiser, bits, labels, *, schedule, p_flip, batch_size, seed, unconditional):
   totals = {name: [] for name in POSTERIORS}
   for i in range(0, len(bits), batch_size):
@@ -168,7 +182,8 @@ def evaluate_prior(denoiser: nnx.Module, autoencoder: nnx.Module, config, *, bat
   on), encoded as in training (`config.prior.ae_bits`). Held-out bits: the eval split (photos never
   seen in training, whose photo-id classes were never trained either, so the bound there is the
   unconditional one: class token masked, the guidance-dropout mode). Also reported: the bound on
-  fresh crops of the training photos, conditional on their photo id and unconditional.
+  fresh crops of the training photos, conditional on their photo id and unconditional, and, for
+  sampled bits, `encoder_bit_entropy` (the noise floor of the held-out bits).
   """
   from bitgen import data  # pylint: disable=g-import-not-at-top
   from bitgen.train import bld as bld_train  # pylint: disable=g-import-not-at-top
@@ -211,6 +226,9 @@ def evaluate_prior(denoiser: nnx.Module, autoencoder: nnx.Module, config, *, bat
           "baseline_cross_entropy": cross_entropy(fresh_bits),
       },
   }
+  if sampled:
+    report["held_out"]["encoder_bit_entropy"] = encoder_bit_entropy(
+        autoencoder, held_out["image"], batch_size=batch_size)
   fresh = report["train_photos_fresh_crops"]
   if conditional:
     fresh["nll_bound_conditional"] = bound(fresh_bits, fresh_labels, unconditional=False)

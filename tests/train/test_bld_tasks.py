@@ -177,6 +177,7 @@ def test_train_bld_then_sample_grid(tmp_path):
   prior_report = report["prior"]
   assert prior_report["bits_per_image"] == 64 * 8
   assert 0 < prior_report["baseline_entropy"] <= 1
+  assert 0 <= prior_report["held_out"]["encoder_bit_entropy"] <= 1  # photos_prior samples its bits
   for bound in (prior_report["held_out"]["nll_bound"],
                 prior_report["train_photos_fresh_crops"]["nll_bound_conditional"]):
     assert set(bound) == {"marginal", "sampler"} and all(v > 0 for v in bound.values())
