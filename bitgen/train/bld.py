@@ -29,15 +29,12 @@ import numpy as np
 from flax import nnx
 from PIL import Image
 
-from bitgen import configlib, parallel
+from bitgen import configlib
 from bitgen.models import bld_autoencoder as ae_lib
 from bitgen.models import bld_denoiser as den_lib
 from bitgen.sample import binary_diffusion as bd
 from bitgen.sample import bld as bld_sample
 from bitgen.train import config as config_lib
-from bitgen.train.checkpoint import Checkpointer
-from bitgen.train.optimizer import make_optimizer
-from bitgen.train.state import create_train_state
 from bitgen.train.tokenizer import TokenizerTask
 
 AE_BITS = ("sample", "threshold")
@@ -111,6 +108,9 @@ class PriorTask:
 
   def loss(self, model, batch, *, step, rng):
     del step
+    if "bits" not in batch:
+      raise ValueError("the prior trains on autoencoder bits (batch['bits']), not on images: train "
+                       "it with bitgen.train.bld.train_bld, or run(..., train_data=EncodedBits(...))")
     return bd.training_loss(model, batch["bits"], rng, schedule=self.schedule,
                             labels=self._labels(batch), label_drop_prob=self.label_dropout,
                             **self.loss_options)
@@ -211,20 +211,9 @@ def encoded_bits(config, autoencoder: ae_lib.BinaryAutoencoder) -> EncodedBits:
 
 def restore_model(config, workdir: str | pathlib.Path, *, ema: bool = False) -> nnx.Module:
   """The model of a BLD training config from the latest checkpoint in `<workdir>/checkpoints`."""
+  from bitgen.train.trainer import restore  # pylint: disable=g-import-not-at-top
   config = config_lib.with_defaults(config)
-  task = build_task(config)
-  mesh = parallel.make_mesh(config.mesh)
-  graphdef, state, _ = create_train_state(
-      lambda: task.build_model(nnx.Rngs(config.train.seed)), make_optimizer(config.train),
-      mesh=mesh, rules=parallel.rules_from_config(config.mesh.rules), seed=config.train.seed,
-      use_ema=bool(config.train.ema_decay))
-  checkpointer = Checkpointer(pathlib.Path(workdir) / "checkpoints", every=1, async_save=False)
-  try:
-    state = checkpointer.restore(state)
-  finally:
-    checkpointer.close()
-  params = state.ema_params if ema and state.ema_params else state.params
-  return on_one_device(nnx.merge(graphdef, params, state.extra))
+  return on_one_device(restore(config, workdir, task=build_task(config)).model(ema=ema))
 
 
 def check_configs(config_ae, config_prior) -> None:

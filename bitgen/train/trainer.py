@@ -47,7 +47,11 @@ def build_task(config) -> Task:
   if config.task == "tokenizer":
     from bitgen.train.tokenizer import TokenizerTask  # pylint: disable=g-import-not-at-top
     return TokenizerTask(config.model, loss=config.train.loss)
-  raise ValueError(f"unknown task {config.task!r}; expected one of ['tokenizer']")
+  if config.task in ("bld_autoencoder", "bld_prior"):
+    from bitgen.train.bld import build_task as build_bld_task  # pylint: disable=g-import-not-at-top
+    return build_bld_task(config)
+  raise ValueError(f"unknown task {config.task!r}; expected one of ['tokenizer', 'bld_autoencoder', "
+                   "'bld_prior']")
 
 
 def _train_iterator(config, batch_size: int):

@@ -195,3 +195,16 @@ def test_train_bld_rejects_mismatched_configs(tmp_path):
     bld_train.train_bld(ae, prior, tmp_path)
   with pytest.raises(ValueError, match="task 'bld_autoencoder'"):
     bld_train.train_bld(prior, prior, tmp_path)
+
+
+def test_trainer_builds_the_bld_tasks():
+  from bitgen.train import build_task
+  from bitgen.train import config as config_lib
+  ae, prior = (config_lib.with_defaults(bld_configs.get_config(name))
+               for name in ("photos_ae", "photos_prior"))
+  assert isinstance(build_task(ae), bld_train.AutoencoderTask)
+  task = build_task(prior)
+  assert isinstance(task, bld_train.PriorTask) and task.label_dropout == 0.1
+  assert task.schedule.total_steps == 64 and task.conditional
+  with pytest.raises(ValueError, match=r"trains on autoencoder bits \(batch\['bits'\]\)"):
+    task.loss(None, {"image": np.zeros((1, 32, 32, 3), np.float32)}, step=0, rng=jax.random.key(0))
