@@ -9,6 +9,7 @@ resumes from the latest checkpoint in `<workdir>/checkpoints` if there is one, t
 
 from collections.abc import Callable, Iterator, Mapping
 import dataclasses
+import importlib
 import json
 import pathlib
 import time
@@ -42,16 +43,25 @@ class TrainResult:
     return nnx.merge(self.graphdef, *parallel.to_auto_axes((params, self.state.extra)))
 
 
+# config.task -> the module whose `build_task(config)` builds that family's task.
+FAMILY_TASKS = {
+    "bld_autoencoder": "bitgen.train.bld",
+    "bld_prior": "bitgen.train.bld",
+    "infinity_vae": "bitgen.train.infinity",
+    "infinity": "bitgen.train.infinity",
+}
+
+
 def build_task(config) -> Task:
-  """The task named by `config.task` (so far: "tokenizer")."""
+  """The task named by `config.task`: "tokenizer" (BSQ-ViT and other image tokenizers) or a
+  model family's task (`FAMILY_TASKS`)."""
   if config.task == "tokenizer":
     from bitgen.train.tokenizer import TokenizerTask  # pylint: disable=g-import-not-at-top
     return TokenizerTask(config.model, loss=config.train.loss)
-  if config.task in ("bld_autoencoder", "bld_prior"):
-    from bitgen.train.bld import build_task as build_bld_task  # pylint: disable=g-import-not-at-top
-    return build_bld_task(config)
-  raise ValueError(f"unknown task {config.task!r}; expected one of ['tokenizer', 'bld_autoencoder', "
-                   "'bld_prior']")
+  if config.task in FAMILY_TASKS:
+    return importlib.import_module(FAMILY_TASKS[config.task]).build_task(config)
+  raise ValueError(f"unknown task {config.task!r}; expected one of "
+                   f"{sorted(['tokenizer', *FAMILY_TASKS])}")
 
 
 def _train_iterator(config, batch_size: int):
