@@ -33,17 +33,7 @@ def read_state_dict(source: StateDict | str | os.PathLike) -> dict[str, np.ndarr
   """A state dict from a mapping or a checkpoint file (see `checkpoint_io.load_state_dict`)."""
   if isinstance(source, Mapping):
     return {k: np.asarray(v) for k, v in source.items()}
-  path = os.fspath(source)
-  if not path.endswith(".th"):
-    return checkpoint_io.load_state_dict(path)
-  # The official files are named *.th (torch.save); checkpoint_io does not list that suffix.
-  try:
-    import torch
-  except ImportError as e:
-    raise ImportError(f"reading {path} needs PyTorch, or convert it to .npz / .safetensors") from e
-  loaded = torch.load(path, map_location="cpu", weights_only=True)
-  arrays = {k: (v.float() if v.is_floating_point() else v).numpy() for k, v in loaded.items()}
-  return checkpoint_io.strip_prefix(arrays)
+  return checkpoint_io.load_state_dict(os.fspath(source))
 
 
 # --- layout transforms (PyTorch -> flax) ---

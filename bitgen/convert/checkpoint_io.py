@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
+TORCH_SUFFIXES = (".pt", ".pth", ".th", ".bin", ".ckpt")  # .th: Binary Latent Diffusion
 # Keys under which training scripts nest the weights, in the order they are tried.
 WRAPPER_KEYS = ("ema_state_dict", "state_dict", "model", "module", "params")
 
