@@ -13,6 +13,8 @@
                   label dropout 0.1 for guidance) 4-layer 128-wide denoiser, T = 64, on the bits of
                   the frozen photos_ae autoencoder. `bitgen.train.bld.train_bld(get_config(
                   "photos_ae"), get_config("photos_prior"), workdir)` trains both and evaluates.
+                  `diffusion.loss_type="plain"` (a likelihood loss) gives a far better NLL bound
+                  than the official balanced loss (bitgen/bench/RESULTS_bld.md).
 
 `autoencoder` fills `bitgen.models.bld_autoencoder.Config`, `denoiser` fills
 `bitgen.models.bld_denoiser.Config`, `diffusion` and `sample` are the keyword arguments of
