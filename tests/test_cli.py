@@ -62,3 +62,25 @@ def test_unknown_override_and_benchmark_are_named(config_file, tmp_path):
     cli.main(["train", "--config", config_file, "--workdir", str(tmp_path), "--set", "train.stepz=3"])
   with pytest.raises(SystemExit, match="unknown benchmark 'nope'"):
     cli.main(["bench", "nope"])
+
+
+def test_compare_trains_each_quantizer_at_equal_bits(config_file, tmp_path, capsys):
+  cli.main(["compare", "--config", config_file, "--workdir", str(tmp_path), "--quantizers",
+            "lfq,fsq", "--set", "train.steps=2", "--set", "log.grid_every=0"])
+  table = capsys.readouterr().out
+  assert "| lfq | 18 |" in table and "| fsq | 18 |" in table
+  rows = json.loads((tmp_path / "compare.json").read_text())
+  assert [r["quantizer"] for r in rows] == ["lfq", "fsq"]
+  assert all(r["bits_per_token"] == 18 for r in rows)
+  assert (tmp_path / "lfq" / "checkpoints").is_dir() and (tmp_path / "fsq" / "checkpoints").is_dir()
+
+
+def test_compare_variant_swaps_only_the_quantizer():
+  from bitgen import configlib
+  from bitgen.eval import compare
+  base = configlib.load_config("bsq_vit:main")
+  fsq = compare.variant(base, "fsq")
+  assert dict(fsq.model.quantizer) == {"name": "fsq", "num_bits": 18}
+  assert fsq.model.l2_normalize is False and base.model.l2_normalize is True
+  assert fsq.model.width == base.model.width and fsq.train == base.train
+  assert compare.variant(base, "bsq").model.quantizer == base.model.quantizer
