@@ -174,7 +174,8 @@ def sweep(trials: int, copies: int):
     x_scale, w_scale = jnp.ones((m,), jnp.float32), jnp.ones((n,), jnp.float32)
     weights = _weights(kind, n, k, max(4, min(copies, (4 << 30) // (2 * n * k))), key)
     for config in configs:
-      fn = lambda x, w, c=config: gpu.matmul(x, w, x_scale, w_scale, out_dtype=jnp.bfloat16, config=c)
+      fn = lambda x, w, c=config: gpu.matmul(x, w, x_scale, w_scale, config=c, scaled=True,
+                                                  out_dtype=jnp.bfloat16)
       try:
         seconds = _time_per_call(fn, x, weights, trials)
       except Exception as e:  # a config the compiler rejects (e.g. too much shared memory)

@@ -106,8 +106,11 @@ def quantized_matmul(x, w, scales=None, *, out_dtype=None, implementation: Imple
   if implementation == "auto":
     backend = jax.default_backend()
   kernel = _kernel_module(backend)
-  reason = kernel.unsupported_reason(m, k, n, ternary) if kernel is not None else (
-      f"no quantized_matmul kernel for backend {backend!r}")
+  config = kernel.default_config(m, k, n, ternary) if kernel is not None and m else None
+  if kernel is None:
+    reason = f"no quantized_matmul kernel for backend {backend!r}"
+  else:
+    reason = "empty input" if not m else (config if isinstance(config, str) else None)
   if reason is not None:
     if implementation != "auto":
       raise ValueError(f"implementation={implementation!r} cannot run this call: {reason}")
@@ -116,11 +119,12 @@ def quantized_matmul(x, w, scales=None, *, out_dtype=None, implementation: Imple
 
   x2d = x.reshape(m, k)
   if scales is None:
-    x_scale = w_scale = None
+    x_scale, w_scale = jnp.ones((m,), jnp.float32), jnp.ones((n,), jnp.float32)
   else:
     x_scale = jnp.asarray(scales[0], jnp.float32).reshape(m)
     w_scale = jnp.broadcast_to(jnp.asarray(scales[1], jnp.float32), (n,))
-  out = kernel.matmul(x2d, w, x_scale, w_scale, out_dtype=out_dtype, interpret=interpret)
+  out = kernel.matmul(x2d, w, x_scale, w_scale, config=config, scaled=scales is not None,
+                      out_dtype=out_dtype, interpret=interpret)
   return out.reshape(*batch_shape, n)
 
 

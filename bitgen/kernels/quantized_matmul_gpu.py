@@ -89,13 +89,6 @@ def default_config(m: int, k: int, n: int, ternary: bool) -> GemvConfig | GemmCo
   return GemmConfig(block_n=block_n, block_k=block_k, num_warps=8 if block_n == 256 else 4)
 
 
-def unsupported_reason(m: int, k: int, n: int, ternary: bool) -> str | None:
-  if m == 0:
-    return "empty input"
-  config = default_config(m, k, n, ternary)
-  return config if isinstance(config, str) else None
-
-
 def _epilogue(acc, x_scale, w_scale, out_dtype):
   """[rows, cols] int32 -> out_dtype; scales broadcast along rows and columns (None: int32 out)."""
   if x_scale is None:
@@ -202,17 +195,12 @@ def _grouped_tile(p, num_m: int, num_n: int, group_m: int):
   return first_m + within % rows_in_group, within // rows_in_group
 
 
-def matmul(x, w, x_scale, w_scale, *, out_dtype, interpret: bool = False, config=None):
-  """x [M, K] int8; w [N, K] int8 or [N, K // 16] uint32 ternary; scales [M], [N] f32 or None."""
+def matmul(x, w, x_scale, w_scale, *, config, scaled: bool, out_dtype, interpret: bool = False):
+  """x [M, K] int8; w [N, K] int8 or [N, K // 16] uint32 ternary; scales [M], [N] f32 (applied
+  when `scaled`); `config` from `default_config` (the dispatcher in quantized_matmul.py checks it)."""
   m, k = x.shape
   n = w.shape[0]
   ternary = w.dtype == jnp.uint32
-  config = config or default_config(m, k, n, ternary)
-  if isinstance(config, str):
-    raise ValueError(config)
-  scaled = x_scale is not None
-  if not scaled:
-    x_scale, w_scale = jnp.ones((m,), jnp.float32), jnp.ones((n,), jnp.float32)
   params = pltriton.CompilerParams(num_warps=config.num_warps, num_stages=config.num_stages)
 
   if isinstance(config, GemvConfig):

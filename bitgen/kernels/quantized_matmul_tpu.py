@@ -51,13 +51,6 @@ def default_config(m: int, k: int, n: int, ternary: bool) -> TpuConfig | str:
   return TpuConfig(block_m=block_m, block_n=block_n, block_k=block_k)
 
 
-def unsupported_reason(m: int, k: int, n: int, ternary: bool) -> str | None:
-  if m == 0:
-    return "empty input"
-  config = default_config(m, k, n, ternary)
-  return config if isinstance(config, str) else None
-
-
 def _kernel(x_ref, w_ref, xs_ref, ws_ref, o_ref, acc_ref, *, ternary, scaled):
   # x_ref [bm, bk] int8; w_ref [bn, bk // 16] int32 words or [bn, bk] int8;
   # xs_ref [bm, 1], ws_ref [1, bn] f32; o_ref [bm, bn]; acc_ref [bm, bn] int32.
@@ -91,17 +84,12 @@ def _kernel(x_ref, w_ref, xs_ref, ws_ref, o_ref, acc_ref, *, ternary, scaled):
       o_ref[...] = acc
 
 
-def matmul(x, w, x_scale, w_scale, *, out_dtype, interpret: bool = False, config=None):
-  """x [M, K] int8; w [N, K] int8 or [N, K // 16] uint32 ternary; scales [M], [N] f32 or None."""
+def matmul(x, w, x_scale, w_scale, *, config, scaled: bool, out_dtype, interpret: bool = False):
+  """x [M, K] int8; w [N, K] int8 or [N, K // 16] uint32 ternary; scales [M], [N] f32 (applied
+  when `scaled`); `config` from `default_config` (the dispatcher in quantized_matmul.py checks it)."""
   m, k = x.shape
   n = w.shape[0]
   ternary = w.dtype == jnp.uint32
-  config = config or default_config(m, k, n, ternary)
-  if isinstance(config, str):
-    raise ValueError(config)
-  scaled = x_scale is not None
-  if not scaled:
-    x_scale, w_scale = jnp.ones((m,), jnp.float32), jnp.ones((n,), jnp.float32)
   bm, bn, bk = config.block_m, config.block_n, config.block_k
   padded_m = pl.cdiv(m, bm) * bm
   if padded_m != m:
