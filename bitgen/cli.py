@@ -4,6 +4,7 @@
   bitgen train    --config NAME[:ARG] --workdir DIR [--set key=value ...] [multi-process flags]
   bitgen eval     --config NAME[:ARG] --workdir DIR [--ema]      writes DIR/eval.json
   bitgen compare  --config NAME[:ARG] --workdir DIR [--quantizers bsq,lfq,fsq]
+  bitgen sample   --config NAME[:ARG] --workdir DIR --out FILE.png [--num N] [--steps S] ...
   bitgen bench    NAME [args ...]                                runs bitgen.bench.NAME
 
 A config is a module of `configs/` (`bsq_vit:tiny`) or a file (`path/to/config.py:arg`).
@@ -17,6 +18,11 @@ import runpy
 import sys
 
 MAIN_CONFIG = "bsq_vit:main"
+
+# `bitgen sample`: config.task -> the module whose `sample_grid_from_config(config, workdir, out_path,
+# *, num_images, steps, seed, temperature, guidance)` writes a PNG grid from a trained workdir
+# (None means the config's own default).
+SAMPLERS = {"bld": "bitgen.train.bld", "infinity": "bitgen.train.infinity"}
 
 
 def _add_config_args(parser: argparse.ArgumentParser, *, config_required: bool = True) -> None:
@@ -92,6 +98,19 @@ def cmd_main(args) -> None:
         f"({report['baseline']})")
 
 
+def cmd_sample(args) -> None:
+  config = _load(args)
+  task = config.get("task")
+  if task not in SAMPLERS:
+    raise SystemExit(f"config task {task!r} has no sampler; `bitgen sample` takes a config whose task "
+                     f"is one of {sorted(SAMPLERS)}")
+  module = importlib.import_module(SAMPLERS[task])
+  path = module.sample_grid_from_config(
+      config, args.workdir, args.out, num_images=args.num, steps=args.steps, seed=args.seed,
+      temperature=args.temperature, guidance=args.guidance)
+  print(f"wrote {path}")
+
+
 def cmd_bench(args) -> None:
   module = f"bitgen.bench.{args.name}"
   try:
@@ -131,6 +150,16 @@ def build_parser() -> argparse.ArgumentParser:
   _add_distributed_args(p)
   p.add_argument("--quantizers", default="bsq,lfq,fsq")
   p.set_defaults(func=cmd_compare)
+
+  p = sub.add_parser("sample", help="write a PNG grid of samples from a trained workdir")
+  _add_config_args(p)
+  p.add_argument("--out", type=pathlib.Path, required=True, help="PNG file to write")
+  p.add_argument("--num", type=int, default=16, help="number of images")
+  p.add_argument("--steps", type=int, default=None, help="sampling steps (diffusion families)")
+  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--temperature", type=float, default=None)
+  p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance weight")
+  p.set_defaults(func=cmd_sample)
 
   p = sub.add_parser("bench", help="run a benchmark module of bitgen.bench")
   p.add_argument("name")
