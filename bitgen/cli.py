@@ -61,7 +61,12 @@ def _write_json(path: pathlib.Path, value) -> None:
 def cmd_train(args) -> None:
   _initialize(args)
   from bitgen import train
-  result = train.run(_load(args), args.workdir)
+  config = _load(args)
+  if config.get("task") == "bld":  # two stages: the autoencoder, then the prior on its bits
+    from bitgen.train.bld import train_bld
+    print(json.dumps(train_bld(config.ae, config.prior, args.workdir), indent=2))
+    return
+  result = train.run(config, args.workdir)
   if result.history:
     print(json.dumps(result.history[-1]))
 
