@@ -1,7 +1,8 @@
 """Orbax checkpoints of the training state and the data iterator, with clear restore errors.
 
 A checkpoint step holds three items: `state` (the sharded `TrainState`: step, params, optimizer
-state, EMA, RNG; saved asynchronously, each process writing its shards), `data` (the grain iterator
+state, EMA, RNG, and a task's auxiliary module such as a GAN discriminator with its optimizer state;
+saved asynchronously, each process writing its shards), `data` (the grain iterator
 state, one JSON per process) and `meta` (JSON: format, step, the shape/dtype signature of every state
 leaf and a free-form description of the model). Restoring compares the signature with the state
 the current config builds, so a checkpoint of another model or shape fails with one error that names

@@ -2,7 +2,8 @@
 
 `run` builds the mesh, the task's model on its shardings, the optimizer and the data pipeline,
 resumes from the latest checkpoint in `<workdir>/checkpoints` if there is one, trains to
-`config.train.steps`, and writes metrics (`metrics.jsonl`, `tensorboard/`), reconstruction grids
+`config.train.steps` (and a task's auxiliary module beside it, such as a GAN discriminator, with its
+own optimizer state built from the same optimizer settings), and writes metrics (`metrics.jsonl`, `tensorboard/`), reconstruction grids
 (`grids/step_XXXXXXX.png`) and checkpoints. The config layout is documented in
 `bitgen.train.config`. Importing this module has no side effects.
 """
@@ -24,9 +25,9 @@ from bitgen.train import config as config_lib
 from bitgen.train.checkpoint import Checkpointer
 from bitgen.train.metrics import MetricsWriter, save_grid
 from bitgen.train.optimizer import learning_rate_schedule, make_optimizer
-from bitgen.train.state import TrainState, create_train_state
+from bitgen.train.state import TrainState, abstract_graphdef, create_train_state
 from bitgen.train.step import jit_train_step
-from bitgen.train.task import Task
+from bitgen.train.task import Task, auxiliary_of
 
 
 @dataclasses.dataclass
@@ -35,6 +36,7 @@ class TrainResult:
   graphdef: nnx.GraphDef            # nnx.merge(graphdef, state.params, state.extra) is the model
   history: list[dict[str, float]]   # the logged metrics, one dict per log step ({"step": ...})
   workdir: pathlib.Path
+  aux_graphdef: nnx.GraphDef | None = None  # the task's auxiliary module (state.aux_params), if any
 
   def model(self, ema: bool = False) -> nnx.Module:
     """The trained model (with the EMA parameters when `ema` and EMA is on), still sharded, on
@@ -98,9 +100,15 @@ class _Setup:
                        f"{divisor} batch shards of mesh {dict(self.mesh.shape)}")
     self.task = task = task or build_task(config)
     self.tx = make_optimizer(train)
+    build_auxiliary = auxiliary_of(task)
+    auxiliary_fn = (lambda: build_auxiliary(nnx.Rngs(train.seed + 1))) if build_auxiliary else None
+    # The official trainer builds both optimizers from one config and steps them at the same lr.
+    self.aux_tx = make_optimizer(train) if auxiliary_fn else None
+    self.aux_graphdef = abstract_graphdef(auxiliary_fn) if auxiliary_fn else None
     self.graphdef, self.state, self.shardings = create_train_state(
         lambda: task.build_model(nnx.Rngs(train.seed)), self.tx, mesh=self.mesh, rules=self.rules,
-        seed=train.seed, use_ema=bool(train.ema_decay))
+        seed=train.seed, use_ema=bool(train.ema_decay), auxiliary_fn=auxiliary_fn,
+        auxiliary_tx=self.aux_tx)
     ckpt = config.checkpoint
     self.checkpointer = Checkpointer(
         pathlib.Path(workdir) / "checkpoints", every=ckpt.every, keep=ckpt.keep,
@@ -117,7 +125,8 @@ def restore(config: Mapping[str, Any], workdir: str | pathlib.Path, *, step: int
       raise FileNotFoundError(f"no checkpoint in {pathlib.Path(workdir) / 'checkpoints'}: "
                               f"train first (bitgen train --workdir {workdir})")
     state = checkpointer.restore(setup.state, step=step)
-  return TrainResult(state=state, graphdef=setup.graphdef, history=[], workdir=pathlib.Path(workdir))
+  return TrainResult(state=state, graphdef=setup.graphdef, history=[], workdir=pathlib.Path(workdir),
+                     aux_graphdef=setup.aux_graphdef)
 
 
 def run(config: Mapping[str, Any], workdir: str | pathlib.Path, *, task: Task | None = None,
@@ -145,7 +154,8 @@ def run(config: Mapping[str, Any], workdir: str | pathlib.Path, *, task: Task | 
   batch_sharding = parallel.batch_sharding(mesh, rules)
   step_fn = jit_train_step(graphdef, task=task, tx=tx, schedule=schedule,
                            ema_decay=train.ema_decay or None, mesh=mesh,
-                           state_shardings=shardings, batch_sharding=batch_sharding)
+                           state_shardings=shardings, batch_sharding=batch_sharding,
+                           aux_graphdef=setup.aux_graphdef, aux_tx=setup.aux_tx)
   visualize = _jit_visualize(task, graphdef, mesh, log.grid_images) if log.grid_every else None
   writer = MetricsWriter(workdir)
   history: list[dict[str, float]] = []
@@ -184,7 +194,8 @@ def run(config: Mapping[str, Any], workdir: str | pathlib.Path, *, task: Task | 
       bar.close()
     writer.close()
     checkpointer.close()
-  return TrainResult(state=state, graphdef=graphdef, history=history, workdir=workdir)
+  return TrainResult(state=state, graphdef=graphdef, history=history, workdir=workdir,
+                     aux_graphdef=setup.aux_graphdef)
 
 
 def _jsonable(value):
