@@ -158,14 +158,15 @@ def run(shapes, trials: int, copies: int, implementation: str = "auto"):
 def sweep(trials: int, copies: int):
   """Times our GPU kernels over candidate block configs at the headline shapes."""
   from bitgen.kernels import quantized_matmul_gpu as gpu
-  gemv = {  # (block_n, block_k, split_k, num_warps, num_stages)
-      "ternary": [(64, 512, 2, 4, 3), (128, 512, 2, 8, 3), (64, 1024, 2, 8, 3), (32, 512, 4, 4, 3),
-                  (128, 512, 1, 8, 3), (64, 512, 4, 4, 3), (128, 256, 2, 4, 4)],
-      "int8": [(128, 256, 2, 4, 4), (128, 256, 1, 4, 4), (64, 256, 4, 4, 4)],
+  from bitgen.kernels import quantized_matmul_gpu_gemv as gemv
+  gemv_configs = {  # (block_k, split_k, stages)
+      "ternary": [(2048, 1, 3), (2048, 2, 2), (2048, 4, 1)],
+      "int8": [(512, 1, 6), (512, 2, 6), (256, 2, 8), (512, 4, 4), (1024, 2, 3)],
   }
   gemm = [  # (block_m, block_n, block_k, group_m, num_warps, num_stages)
-      (128, 256, 128, 8, 8, 3), (128, 256, 128, 16, 8, 4)]
-  cases = [((8, 8192, 8192), kind, [gpu.GemvConfig(*c) for c in configs]) for kind, configs in gemv.items()]
+      (128, 256, 128, 8, 8, 3)]
+  cases = [((8, 8192, 8192), kind, [gemv.GemvConfig(*c) for c in configs])
+           for kind, configs in gemv_configs.items()]
   cases.append(((8192, 8192, 8192), "int8", [gpu.GemmConfig(*c) for c in gemm]))
   key = jax.random.key(1)
   results = []

@@ -102,8 +102,10 @@ def test_auto_falls_back_to_reference_on_cpu_and_logs(caplog):
   assert "falls back to the reference" in caplog.text
 
 
-# (M, K, N): GEMV (M <= 16, odd M, masked rows) and GEMM (M > 16, M not a multiple of the block).
-GPU_SHAPES = [(5, 4096, 32), (16, 512, 64), (40, 512, 64)]
+# (M, K, N): the Mosaic GPU GEMV (int8 weights, padded rows of x; GPU interpret mode cannot run the
+# ternary GEMV's register-operand wgmma, so ternary at these K goes to the GEMM), a decode shape the
+# GEMV cannot take (N % 64) on the GEMM, and the GEMM (M > 16, M not a multiple of the block).
+GPU_SHAPES = [(5, 4096, 32), (3, 512, 64), (40, 512, 64)]
 TPU_SHAPES = [(8, 2048, 128), (40, 2048, 256)]
 
 
@@ -121,9 +123,22 @@ def test_kernels_interpret_exact(implementation, shape, ternary):
   np.testing.assert_allclose(out, quantized_matmul_reference(x, w, scales, out_dtype=jnp.float32), rtol=1e-6)
 
 
+def test_gpu_dispatch_picks_the_kernel_per_shape():
+  from bitgen.kernels import quantized_matmul_gpu as gpu
+  from bitgen.kernels import quantized_matmul_gpu_gemv as gemv
+  for ternary in (False, True):
+    config = gpu.default_config(8, 8192, 8192, ternary)
+    assert isinstance(config, gemv.GemvConfig)
+    assert (8192 // gemv.ROWS) * config.split_k >= 128 and 8192 % (config.split_k * config.block_k) == 0
+    assert isinstance(gpu.default_config(4096, 2048, 8192, ternary), gpu.GemmConfig)
+    assert isinstance(gpu.default_config(8, 2048, 96, ternary), gpu.GemmConfig)  # N % 64: the GEMM
+  assert isinstance(gpu.default_config(8, 1024, 64, True), gpu.GemmConfig)  # not whole 2048-groups
+  assert "multiples of 32" in gpu.default_config(8, 48, 40, False)
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("shape", [(8, 8192, 1024), (5, 2048, 6144), (1, 4096, 256), (300, 1024, 512),
-                                   (1024, 2048, 2048)])
+@pytest.mark.parametrize("shape", [(8, 8192, 1024), (5, 2048, 6144), (1, 4096, 256), (16, 8192, 2048),
+                                   (3, 2048, 96), (300, 1024, 512), (1024, 2048, 2048)])
 @pytest.mark.parametrize("ternary", [False, True])
 def test_gpu_kernels_exact(shape, ternary):
   if jax.default_backend() != "gpu":
