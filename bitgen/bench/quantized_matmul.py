@@ -138,7 +138,12 @@ def run(shapes, trials: int, copies: int, implementation: str = "auto"):
   results = []
   for name, m, k, n in shapes:
     key, kx, kw = jax.random.split(key, 3)
-    _check(m, k, n, m + k + n, implementation)
+    try:
+      _check(m, k, n, m + k + n, implementation)
+      wrong = ""
+    except AssertionError as e:  # still timed (for debugging), but marked in every row of ours
+      print(f"WRONG: {e}", flush=True)
+      wrong = " (WRONG RESULT)"
     scales = (jnp.ones((m,), jnp.float32) / 127, jnp.ones((n,), jnp.float32) / 127)
     # Copies: far more bytes than L2 (50-60 MB) and enough work per jit that host jitter is small:
     # up to 4 GiB of bf16 weights, at most --copies.
@@ -149,6 +154,7 @@ def run(shapes, trials: int, copies: int, implementation: str = "auto"):
         weight_sets[w_kind] = _weights(w_kind, n, k, copies_here, kw)
       seconds = _time_per_call(fn, _operand(x_kind, (m, k), kx), weight_sets[w_kind], trials)
       ops = 2 * m * k * n
+      label += wrong if label.startswith("ours") else ""
       results.append((name, m, k, n, label, seconds * 1e6, ops / seconds / 1e12))
       print(f"{name:24s} {label:20s} {seconds * 1e6:10.1f} us {ops / seconds / 1e12:8.1f} TOP/s", flush=True)
     del weight_sets
