@@ -109,5 +109,5 @@ def test_loss_config_errors():
     loss_config({"codebook_wieght": 0.1})
   with pytest.raises(ValueError, match="lpips_weights"):
     loss_config({"perceptual_weight": 0.1})
-  with pytest.raises(NotImplementedError, match="GAN"):
-    loss_config({"gan_weight": 0.1})
+  with pytest.raises(ValueError, match="gan_loss"):
+    loss_config({"gan_weight": 0.1, "gan_loss": "wgan"})
