@@ -9,22 +9,29 @@ binarised the same way (one token: per-head and per-token scales coincide):
 
 Since sign q . sign k = H - 2 popcount(bits_q xor bits_k), the scores need no unpacking at all:
 that is what `binary_decode_attention_reference` computes, in XLA, so the packed cache is read as
-packed words (XLA fuses the xor / popcount into the score reduction).
+packed words (XLA fuses the xor / popcount into the score reduction). The Pallas kernels do the
+same in registers / VMEM, in one pass over the cache with an f32 online softmax:
+`binary_decode_gpu` (Triton backend, split-K flash decoding) and `binary_decode_tpu` (Mosaic TPU).
 
 The bf16 values dominate the bytes read (2H per token against H/8 for the packed key), so the best
 case over a bf16 K+V cache is (4H) / (2H + H/8) = 1.88x.
 """
 
+import logging
 import math
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
+from bitgen.kernels import binary_decode_gpu, binary_decode_tpu
 from bitgen.kernels._binarize import pack_signs, unpack_signs
 
 __all__ = ["binary_decode_attention", "binary_decode_attention_reference", "pack_signs",
            "unpack_signs"]
+
+IMPLEMENTATIONS = ("auto", "reference", "pallas_gpu", "pallas_tpu")
+_log = logging.getLogger(__name__)
 
 
 def _check(q, k_bits, k_scale, v, lengths):
@@ -66,14 +73,36 @@ def binary_decode_attention_reference(q, k_bits, k_scale, v, lengths):
 
 
 def binary_decode_attention(q, k_bits, k_scale, v, lengths, *, implementation="auto"):
-  """Decode over a packed key cache (see the module doc). implementation: "auto" | "reference".
+  """Decode over a packed key cache (see the module doc): [B, N, H] in v.dtype.
 
-  No Pallas decode kernel exists yet: every implementation runs the XLA popcount reference,
-  which reads the cache packed (no unpacked keys are materialised).
+  implementation: "auto" runs the Pallas kernel of the backend it runs on (GPU: Triton, TPU: Mosaic
+  TPU) and the XLA reference elsewhere or where the kernel cannot take the shapes (logged);
+  "reference" the XLA popcount path; "pallas_gpu" / "pallas_tpu" force a kernel (an unsupported
+  input raises; "pallas_tpu" off a TPU runs in the Pallas TPU interpreter).
   """
-  if implementation not in ("auto", "reference"):
-    raise ValueError(f"implementation must be 'auto' or 'reference', got {implementation!r}")
-  return binary_decode_attention_reference(q, k_bits, k_scale, v, lengths)
+  _check(q, k_bits, k_scale, v, lengths)
+  if implementation not in IMPLEMENTATIONS:
+    raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
+  backend = jax.default_backend()
+  name = implementation
+  if implementation == "auto":
+    name = {"gpu": "pallas_gpu", "cuda": "pallas_gpu", "tpu": "pallas_tpu"}.get(backend, "reference")
+  if name == "reference":
+    return binary_decode_attention_reference(q, k_bits, k_scale, v, lengths)
+  module = binary_decode_gpu if name == "pallas_gpu" else binary_decode_tpu
+  reason = module.unsupported_reason(k_bits, v)
+  if reason is not None:
+    if implementation == "auto":
+      _log.warning("binary_decode_attention: %s kernel cannot take these inputs (%s); using the "
+                   "reference", name, reason)
+      return binary_decode_attention_reference(q, k_bits, k_scale, v, lengths)
+    raise ValueError(f"binary_decode_attention implementation={name!r} cannot take these inputs: "
+                     f"{reason}")
+  q_bits, q_scale = pack_signs(q)  # [B, N, W], [B, N]
+  if name == "pallas_gpu":
+    return binary_decode_gpu.binary_decode_gpu(q_bits, q_scale, k_bits, k_scale, v, lengths)
+  return binary_decode_tpu.binary_decode_tpu(q_bits, q_scale, k_bits, k_scale, v, lengths,
+                                             interpret=backend != "tpu")
 
 
 def dense_decode_attention(q, k, v, lengths):
