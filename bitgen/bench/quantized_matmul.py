@@ -164,6 +164,7 @@ def run(shapes, trials: int, copies: int, implementation: str = "auto"):
 def sweep(trials: int, copies: int):
   """Times our GPU kernels over candidate block configs at the headline shapes."""
   from bitgen.kernels import quantized_matmul_gpu as gpu
+  from bitgen.kernels import quantized_matmul_gpu_gemm as mosaic_gemm
   from bitgen.kernels import quantized_matmul_gpu_gemv as gemv
   gemv_configs = {  # (block_k, split_k, stages)
       "ternary": [(2048, 1, 3), (2048, 2, 2), (2048, 4, 1)],
@@ -173,7 +174,9 @@ def sweep(trials: int, copies: int):
       (128, 256, 128, 8, 8, 3)]
   cases = [((8, 8192, 8192), kind, [gemv.GemvConfig(*c) for c in configs])
            for kind, configs in gemv_configs.items()]
-  cases.append(((8192, 8192, 8192), "int8", [gpu.GemmConfig(*c) for c in gemm]))
+  mosaic = [mosaic_gemm.GemmConfig(), mosaic_gemm.GemmConfig(stages=3, grid_tile_width=16),
+            mosaic_gemm.GemmConfig(grid_tile_width=4)]
+  cases.append(((8192, 8192, 8192), "int8", [gpu.GemmConfig(*c) for c in gemm] + mosaic))
   key = jax.random.key(1)
   results = []
   for (m, k, n), kind, configs in cases:

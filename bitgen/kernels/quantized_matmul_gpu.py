@@ -18,6 +18,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
+from bitgen.kernels import quantized_matmul_gpu_gemm as mosaic_gemm
 from bitgen.kernels import quantized_matmul_gpu_gemv as gemv
 from bitgen.kernels import ternary_pack
 
@@ -38,11 +39,13 @@ def _largest_dividing(n: int, candidates) -> int | None:
   return next((c for c in candidates if n % c == 0), None)
 
 
-def default_config(m: int, k: int, n: int, ternary: bool) -> gemv.GemvConfig | GemmConfig | str:
-  """The kernel and block sizes for a shape, or the reason no kernel fits it."""
+def default_config(m: int, k: int, n: int, ternary: bool):
+  """The kernel (by its config type) and block sizes for a shape, or the reason no kernel fits."""
   gemv_config = gemv.default_config(m, k, n, ternary)
   if not isinstance(gemv_config, str):
     return gemv_config
+  if not isinstance(gemm_config := mosaic_gemm.default_config(k, n), str):
+    return gemm_config
   block_n = _largest_dividing(n, (256, 128, 64, 32))
   block_k = _largest_dividing(k, (128, 64, 32))
   if block_n is None or block_k is None:
@@ -94,10 +97,12 @@ def matmul(x, w, x_scale, w_scale, *, config, scaled: bool, out_dtype, interpret
     partials = gemv.gemv_partials(x, w, config, interpret=interpret)  # [S, N, Mp] int32
     acc = jnp.sum(partials, axis=0)[:, :m].T  # [M, N]; columns >= M of the partials are padding
     return _epilogue(acc, x_scale[:, None], w_scale[None, :], out_dtype) if scaled else acc
-  params = pltriton.CompilerParams(num_warps=config.num_warps, num_stages=config.num_stages)
-
   if ternary:  # compute-bound: unpack once to int8, then the int8 MMA.
     w = ternary_pack.unpack_ternary(w)
+  if isinstance(config, mosaic_gemm.GemmConfig):
+    return mosaic_gemm.gemm(x, w, x_scale, w_scale, config, scaled=scaled, out_dtype=out_dtype,
+                            interpret=interpret)
+  params = pltriton.CompilerParams(num_warps=config.num_warps, num_stages=config.num_stages)
   bm, bn = config.block_m, config.block_n
   num_m, num_n = pl.cdiv(m, bm), n // bn
   tile = lambda p: _grouped_tile(p, num_m, num_n, config.group_m)

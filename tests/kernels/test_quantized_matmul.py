@@ -104,8 +104,9 @@ def test_auto_falls_back_to_reference_on_cpu_and_logs(caplog):
 
 # (M, K, N): the Mosaic GPU GEMV (int8 weights, padded rows of x; GPU interpret mode cannot run the
 # ternary GEMV's register-operand wgmma, so ternary at these K goes to the GEMM), a decode shape the
-# GEMV cannot take (N % 64) on the GEMM, and the GEMM (M > 16, M not a multiple of the block).
-GPU_SHAPES = [(5, 4096, 32), (3, 512, 64), (40, 512, 64)]
+# GEMV cannot take (N % 64) on the Triton GEMM, the Triton GEMM (M > 16, N % 128) and the Mosaic
+# GPU GEMM (x's rows padded to the CTA tile).
+GPU_SHAPES = [(5, 4096, 32), (3, 512, 64), (40, 512, 64), (20, 256, 128)]
 TPU_SHAPES = [(8, 2048, 128), (40, 2048, 256)]
 
 
@@ -125,12 +126,14 @@ def test_kernels_interpret_exact(implementation, shape, ternary):
 
 def test_gpu_dispatch_picks_the_kernel_per_shape():
   from bitgen.kernels import quantized_matmul_gpu as gpu
+  from bitgen.kernels import quantized_matmul_gpu_gemm as mosaic_gemm
   from bitgen.kernels import quantized_matmul_gpu_gemv as gemv
   for ternary in (False, True):
     config = gpu.default_config(8, 8192, 8192, ternary)
     assert isinstance(config, gemv.GemvConfig)
     assert (8192 // gemv.ROWS) * config.split_k >= 128 and 8192 % (config.split_k * config.block_k) == 0
-    assert isinstance(gpu.default_config(4096, 2048, 8192, ternary), gpu.GemmConfig)
+    assert isinstance(gpu.default_config(4096, 2048, 8192, ternary), mosaic_gemm.GemmConfig)
+    assert isinstance(gpu.default_config(300, 2048, 96, ternary), gpu.GemmConfig)  # N % 128
     assert isinstance(gpu.default_config(8, 2048, 96, ternary), gpu.GemmConfig)  # N % 64: the GEMM
   assert isinstance(gpu.default_config(8, 1024, 64, True), gpu.GemmConfig)  # not whole 2048-groups
   assert "multiples of 32" in gpu.default_config(8, 48, 40, False)
