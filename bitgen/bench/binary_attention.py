@@ -4,8 +4,8 @@
 
 Prefill: ours (`binary_attention`, kernel of this backend, binarisation included; and the kernel
 alone on pre-binarised inputs) vs `jax.nn.dot_product_attention` cuDNN and XLA, bf16 forward.
-Decode: one token over a 32k cache, packed keys (`binary_decode_attention`) vs a bf16 K/V cache
-decode in XLA. Accuracy: max / mean |err| of ours against the f32 binary reference and against
+Decode: one token over a 32k cache, packed keys (`binary_decode_attention`: the Pallas kernel and
+the XLA popcount reference) vs a bf16 K/V cache decode in XLA. Accuracy: max / mean |err| of ours against the f32 binary reference and against
 dense f32 attention on the unquantised inputs. Imports only jax (no data or config libraries).
 """
 
@@ -22,6 +22,7 @@ import numpy as np
 
 from bitgen.kernels import binary_attention as ba
 from bitgen.kernels import binary_decode as bd
+from bitgen.kernels import binary_decode_gpu as bdg
 
 PREFILL = [  # (B, T, N, H, causal)
     (4, 4096, 16, 64, False),
@@ -103,31 +104,77 @@ def bench_prefill(batch, length, heads, head_dim, causal, rows, accuracy):
     print(accuracy[-1], flush=True)
 
 
-def bench_decode(batch, rows):
+def _decode_inputs(batch):
   cache, heads, head_dim = DECODE_CACHE, DECODE_HEADS, DECODE_HEAD_DIM
   keys = jax.random.split(jax.random.key(batch), 3)
   q = jax.random.normal(keys[0], (batch, heads, head_dim), jnp.bfloat16)
   k = jax.random.normal(keys[1], (batch, cache, heads, head_dim), jnp.bfloat16)
   v = jax.random.normal(keys[2], (batch, cache, heads, head_dim), jnp.bfloat16)
   lengths = jnp.full((batch,), cache, jnp.int32)
+  return q, k, v, lengths
+
+
+def bench_decode(batch, rows, accuracy):
+  q, k, v, lengths = _decode_inputs(batch)
   k_bits, k_scale = jax.jit(bd.pack_signs)(k)
-  ours_ms = _try(time_ms, jax.jit(bd.binary_decode_attention), q, k_bits, k_scale, v, lengths)
+  kernel = jax.jit(functools.partial(bd.binary_decode_attention, implementation="pallas_gpu"))
+  xla_packed = jax.jit(bd.binary_decode_attention_reference)
+  kernel_ms = _try(time_ms, kernel, q, k_bits, k_scale, v, lengths)
+  xla_ms = _try(time_ms, xla_packed, q, k_bits, k_scale, v, lengths)
   dense_ms = _try(time_ms, jax.jit(bd.dense_decode_attention), q, k, v, lengths)
   packed_bytes = k_bits.nbytes + k_scale.nbytes + v.nbytes
   dense_bytes = k.nbytes + v.nbytes
-  speedup = dense_ms / ours_ms if isinstance(ours_ms, float) and isinstance(dense_ms, float) else ""
+  ratio = lambda a, b: _fmt(b / a, "x") if isinstance(a, float) and isinstance(b, float) else ""
   gbs = lambda nbytes, ms: f"{nbytes / (ms * 1e-3) / 1e9:.0f}" if isinstance(ms, float) else ""
-  rows.append((f"B={batch} S={cache} N={heads} H={head_dim}", _fmt(ours_ms), gbs(packed_bytes, ours_ms),
-               _fmt(dense_ms), gbs(dense_bytes, dense_ms), _fmt(speedup, "x")))
+  rows.append((f"B={batch} S={DECODE_CACHE} N={DECODE_HEADS} H={DECODE_HEAD_DIM}",
+               _fmt(kernel_ms), gbs(packed_bytes, kernel_ms), _fmt(xla_ms), gbs(packed_bytes, xla_ms),
+               _fmt(dense_ms), gbs(dense_bytes, dense_ms), ratio(kernel_ms, dense_ms),
+               ratio(xla_ms, dense_ms)))
   print(rows[-1], flush=True)
+  if batch == DECODE_BATCHES[0]:
+    out = _try(lambda: kernel(q, k_bits, k_scale, v, lengths).astype(jnp.float32))
+    if isinstance(out, str):
+      accuracy.append((rows[-1][0], out, "", ""))
+    else:
+      f32 = lambda x: x.astype(jnp.float32)
+      ref = jax.jit(bd.binary_decode_attention_reference)(f32(q), k_bits, k_scale, f32(v), lengths)
+      with jax.default_matmul_precision("highest"):
+        dense = jax.jit(bd.dense_decode_attention)(f32(q), f32(k), f32(v), lengths)
+      err = lambda a, b: f"{float(jnp.abs(a - b).max()):.2e} / {float(jnp.abs(a - b).mean()):.2e}"
+      accuracy.append((rows[-1][0], err(out, ref), err(out, dense), err(ref, dense),
+                       f"{float(jnp.abs(dense).mean()):.2e}"))
+    print(accuracy[-1], flush=True)
   del k, v, k_bits
 
 
+DECODE_SWEEP = [bdg.DecodeTuning(bs, chunk, warps, stages)
+                for bs, chunk, warps, stages in [(128, 1024, 4, 2), (64, 1024, 4, 2),
+                                                 (128, 512, 4, 2), (128, 2048, 4, 2),
+                                                 (128, 1024, 8, 2), (128, 1024, 4, 3),
+                                                 (128, 1024, 4, 1), (256, 2048, 8, 2)]]
+
+
+def decode_sweep():
+  """Kernel-only ms of each DECODE_SWEEP tuning at B=8 and B=64 (a wrong config shows as error)."""
+  for batch in (8, 64):
+    q, k, v, lengths = _decode_inputs(batch)
+    k_bits, k_scale = jax.jit(bd.pack_signs)(k)
+    q_bits, q_scale = jax.jit(bd.pack_signs)(q)
+    del k
+    ref = jax.jit(bd.binary_decode_attention_reference)(q, k_bits, k_scale, v, lengths)
+    for tuning in DECODE_SWEEP:
+      fn = jax.jit(functools.partial(bdg.binary_decode_gpu, tuning=tuning))
+      ms = _try(time_ms, fn, q_bits, q_scale, k_bits, k_scale, v, lengths)
+      err = _try(lambda: float(jnp.abs(fn(q_bits, q_scale, k_bits, k_scale, v, lengths)
+                                       .astype(jnp.float32) - ref.astype(jnp.float32)).max()))
+      print(f"decode sweep B={batch} {tuning}: {_fmt(ms)} ms, max err vs XLA {err}", flush=True)
+
+
 def tune(spec: str):
-  """One GpuTuning ("block_q,block_kv,steps,schedule") at B=4 T=4096 N=16, H=64 and 128, both
-  masks: kernel-only ms and max |err| against the f32 reference (a wrong config shows here)."""
-  block_q, block_kv, steps, schedule = (int(x) for x in spec.split(","))
-  tuning = ba.GpuTuning(block_q, block_kv, steps, bool(schedule))
+  """One GpuTuning ("block_q,block_kv,steps,schedule[,magic]") at B=4 T=4096 N=16, H=64 and 128,
+  both masks: kernel-only ms and max |err| against the f32 reference (a wrong config shows here)."""
+  block_q, block_kv, steps, schedule, *magic = (int(x) for x in spec.split(","))
+  tuning = ba.GpuTuning(block_q, block_kv, steps, bool(schedule), *map(bool, magic))
   for head_dim in (64, 128):
     for causal in (False, True):
       keys = jax.random.split(jax.random.key(head_dim), 3)
@@ -152,17 +199,23 @@ def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--quick", action="store_true", help="first prefill shape, decode B=8 only")
   parser.add_argument("--out", help="also write the markdown tables to this file")
-  parser.add_argument("--tune", help="time one GPU kernel tuning: block_q,block_kv,steps,schedule")
+  parser.add_argument("--tune", help="time GPU kernel tunings: block_q,block_kv,steps,schedule"
+                      "[,magic] (several separated by ';')")
+  parser.add_argument("--decode-sweep", action="store_true", help="time DECODE_SWEEP tunings")
   args = parser.parse_args(argv)
   if args.tune:
-    return tune(args.tune)
+    for spec in args.tune.split(";"):
+      _try(tune, spec)
+    return
+  if args.decode_sweep:
+    return decode_sweep()
   device = jax.devices()[0]
   header = (f"device: {device.device_kind} ({jax.default_backend()}), jax {jax.__version__}, "
             f"date {datetime.date.today().isoformat()}")
   print(header, flush=True)
-  prefill, accuracy, decode = [], [], []
+  prefill, accuracy, decode, decode_accuracy = [], [], [], []
   for batch in DECODE_BATCHES[:1] if args.quick else DECODE_BATCHES:
-    bench_decode(batch, decode)
+    bench_decode(batch, decode, decode_accuracy)
   for config in PREFILL[:1] if args.quick else PREFILL:
     bench_prefill(*config, prefill, accuracy)
   text = "\n\n".join([
@@ -174,8 +227,14 @@ def main(argv=None):
       "unquantised q, k):",
       _table(("shape", "ours vs f32 binary reference", "ours vs dense", "f32 binary reference "
               "vs dense", "mean |dense|"), accuracy),
-      "Decode, one token over a full cache, bf16 V (GB/s counts the cache bytes read once):",
-      _table(("shape", "ours packed-K ms", "GB/s", "bf16 K/V XLA ms", "GB/s", "speedup"), decode),
+      "Decode, one token over a full cache, bf16 V (GB/s counts the cache bytes read once; "
+      "speedups over the bf16 K/V XLA decode):",
+      _table(("shape", "ours: Pallas kernel ms", "GB/s", "ours: XLA popcount ms", "GB/s",
+              "bf16 K/V XLA ms", "GB/s", "kernel speedup", "XLA popcount speedup"), decode),
+      "Decode accuracy (bf16 q, V; max / mean |difference|; 'dense' = f32 softmax decode on the "
+      "unquantised q, k):",
+      _table(("shape", "kernel vs f32 binary reference", "kernel vs dense",
+              "f32 binary reference vs dense", "mean |dense|"), decode_accuracy),
   ])
   print("\n" + text)
   if args.out:
