@@ -166,16 +166,15 @@ def sweep(trials: int, copies: int):
   from bitgen.kernels import quantized_matmul_gpu as gpu
   from bitgen.kernels import quantized_matmul_gpu_gemm as mosaic_gemm
   from bitgen.kernels import quantized_matmul_gpu_gemv as gemv
-  gemv_configs = {  # (block_k, split_k, stages)
-      "ternary": [(2048, 1, 3), (2048, 2, 2), (2048, 4, 1)],
-      "int8": [(512, 1, 6), (512, 2, 6), (256, 2, 8), (512, 4, 4), (1024, 2, 3)],
+  gemv_configs = {  # (block_k, split_k, stages, minus_one_mma)
+      "ternary": [(2048, 2, 2, True), (2048, 2, 2, False)],
+      "int8": [(512, 2, 6)],
   }
   gemm = [  # (block_m, block_n, block_k, group_m, num_warps, num_stages)
       (128, 256, 128, 8, 8, 3)]
   cases = [((8, 8192, 8192), kind, [gemv.GemvConfig(*c) for c in configs])
            for kind, configs in gemv_configs.items()]
-  mosaic = [mosaic_gemm.GemmConfig(), mosaic_gemm.GemmConfig(stages=3, grid_tile_width=16),
-            mosaic_gemm.GemmConfig(grid_tile_width=4)]
+  mosaic = [mosaic_gemm.GemmConfig()]
   cases.append(((8192, 8192, 8192), "int8", [gpu.GemmConfig(*c) for c in gemm] + mosaic))
   key = jax.random.key(1)
   results = []

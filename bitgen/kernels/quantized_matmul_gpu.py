@@ -96,6 +96,8 @@ def matmul(x, w, x_scale, w_scale, *, config, scaled: bool, out_dtype, interpret
   if isinstance(config, gemv.GemvConfig):
     partials = gemv.gemv_partials(x, w, config, interpret=interpret)  # [S, N, Mp] int32
     acc = jnp.sum(partials, axis=0)[:, :m].T  # [M, N]; columns >= M of the partials are padding
+    if ternary and not config.minus_one_mma:
+      acc = acc - gemv.x_row_sums(x)[:, None]
     return _epilogue(acc, x_scale[:, None], w_scale[None, :], out_dtype) if scaled else acc
   if ternary:  # compute-bound: unpack once to int8, then the int8 MMA.
     w = ternary_pack.unpack_ternary(w)

@@ -10,9 +10,9 @@ Mp = M rounded up to 8 or 16, x's missing rows zero-padded).
 - ternary weights: a step loads one packing group (128 words of each row = 2048 values of K, see
   `ternary_pack`) from shared memory into registers, in the wgmma's 8-bit operand layout, and unpacks
   plane j = (words >> 2j) & 3 (the codes w + 1 of a contiguous run of 128 values of K) straight into
-  an int8 register operand: no relayout, no shared-memory round trip. The "+ 1" is removed by a
-  second wgmma of the same x columns with a constant -1 operand, so the registers do only shift,
-  mask and narrow.
+  an int8 register operand: no relayout, no shared-memory round trip. The registers only shift,
+  mask and narrow: the kernel sums codes x x = w x x + sum_k x, and the caller subtracts the row
+  sums of x (`minus_one_mma=True` does it in the kernel with a second wgmma of a constant -1).
 
 The int32 partial sums of the K slices come out as [split_k, N, Mp]; the caller's XLA epilogue
 sums them, transposes and applies the scales (one small fusion over 16 N values).
@@ -40,6 +40,7 @@ class GemvConfig:
   block_k: int  # values of K a pipeline step (ternary: one packing group, 2048)
   split_k: int  # CTAs sharing a block of channels, each over K / split_k
   stages: int  # pipeline depth (steps in flight)
+  minus_one_mma: bool = False  # ternary: remove the code offset with a -1 wgmma (else: see below)
 
 
 def _split_k(k: int, n: int, block_k: int) -> int:
@@ -67,8 +68,16 @@ def default_config(m: int, k: int, n: int, ternary: bool) -> GemvConfig | str:
   return GemvConfig(block_k=block_k, split_k=_split_k(k, n, block_k), stages=6)
 
 
+def x_row_sums(x: jax.Array) -> jax.Array:
+  """[M, K] int8 -> [M] int32: what the codes (w + 1) of a ternary GEMV add to each output row."""
+  return jnp.sum(x, axis=1, dtype=jnp.int32)
+
+
 def gemv_partials(x: jax.Array, w: jax.Array, config: GemvConfig, *, interpret: bool = False) -> jax.Array:
-  """x [M, K] int8, w [N, K] int8 or [N, K // 16] uint32 -> int32 partial sums [split_k, N, Mp]."""
+  """x [M, K] int8, w [N, K] int8 or [N, K // 16] uint32 -> int32 partial sums [split_k, N, Mp].
+
+  For ternary w without `minus_one_mma` the partials sum to (w + 1) x^T: subtract `x_row_sums`.
+  """
   m, k = x.shape
   n = w.shape[0]
   ternary = w.dtype == jnp.uint32
@@ -99,7 +108,8 @@ def gemv_partials(x: jax.Array, w: jax.Array, config: GemvConfig, *, interpret: 
         codes = ((packed >> (ternary_pack.BITS_PER_VALUE * j)) & 3).astype(jnp.int8)  # w + 1
         x_plane = x_smem.at[:, pl.ds(j * _GROUP_WORDS, _GROUP_WORDS)].T  # [128, Mp], K-major
         plgpu.wgmma(acc_ref, codes, x_plane)
-        plgpu.wgmma(acc_ref, minus_one, x_plane)
+        if config.minus_one_mma:
+          plgpu.wgmma(acc_ref, minus_one, x_plane)
     else:
       plgpu.wgmma(acc_ref, w_smem, x_smem.T)
     plgpu.wgmma_wait(0)

@@ -140,8 +140,8 @@ def test_gpu_dispatch_picks_the_kernel_per_shape():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("shape", [(8, 8192, 1024), (5, 2048, 6144), (1, 4096, 256), (16, 8192, 2048),
-                                   (3, 2048, 96), (300, 1024, 512), (1024, 2048, 2048)])
+@pytest.mark.parametrize("shape", [(8, 8192, 1024), (5, 2048, 6144), (16, 8192, 2048), (3, 2048, 96),
+                                   (300, 1024, 512)])
 @pytest.mark.parametrize("ternary", [False, True])
 def test_gpu_kernels_exact(shape, ternary):
   if jax.default_backend() != "gpu":
