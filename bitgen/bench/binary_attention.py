@@ -147,11 +147,11 @@ def bench_decode(batch, rows, accuracy):
   del k, v, k_bits
 
 
-DECODE_SWEEP = [bdg.DecodeTuning(bs, chunk, warps, stages)
-                for bs, chunk, warps, stages in [(128, 1024, 4, 2), (64, 1024, 4, 2),
-                                                 (128, 512, 4, 2), (128, 2048, 4, 2),
-                                                 (128, 1024, 8, 2), (128, 1024, 4, 3),
-                                                 (128, 1024, 4, 1), (256, 2048, 8, 2)]]
+DECODE_SWEEP = [bdg.DecodeTuning(bs, chunk, warps, stages, heads)
+                for bs, chunk, warps, stages, heads in [
+                    (128, 1024, 4, 2, 1), (64, 1024, 4, 2, 1), (64, 1024, 4, 2, 2),
+                    (32, 1024, 4, 2, 4), (32, 1024, 8, 2, 4), (64, 1024, 8, 2, 4),
+                    (16, 1024, 4, 2, 8), (32, 2048, 4, 2, 2), (64, 2048, 4, 3, 2)]]
 
 
 def decode_sweep():

@@ -7,15 +7,15 @@ gather bit d % 32 of word d // 32 into a [keys, H] tile nor reduce a [keys, word
 over its minor axis; Triton has `__nv_popc` and free-form register tiles. The same kernel lowers on
 jax 0.11.2 and 0.12 (jax warns that the Pallas Triton backend is deprecated).
 
-One program per (head, split, batch): the split's `chunk` keys of one sequence and head, in steps of
-`block_s` keys. A step reads the packed words [block_s, W] and scales [block_s] of the keys and
-the bf16 values [block_s, H], never an unpacked key:
+One program per (group of G heads, split, batch): the split's `chunk` keys of one sequence and G
+heads, in steps of `block_s` keys. A step reads the packed words [block_s, G, W], scales
+[block_s, G] and bf16 values [block_s, G, H] (rows of G contiguous heads), never an unpacked key:
   1. differ = sum_w popcount(q_bits[w] xor k_bits[:, w])          (int32, in registers)
   2. s = (H - 2 differ) * s_k * (s_q log2(e) / sqrt(H))            (logits in base 2)
   3. online softmax in f32 (exp2), acc += sum_s p[s] v[s, :]       (f32)
 Keys at or past the sequence's length are masked, and the steps past it are never run. Programs
-write (acc, max, sum) partials; XLA merges the splits (flash decoding). Heads are the fastest grid
-axis, so the 16-byte key words and 4-byte scales of neighbouring heads share L2 sectors.
+write (acc, max, sum) partials; XLA merges the splits (flash decoding). Head groups are the fastest
+grid axis, so the key words and scales of neighbouring groups share L2 sectors.
 """
 
 import dataclasses
@@ -34,6 +34,7 @@ class DecodeTuning:
   chunk: int = 1024  # keys a program (a multiple of block_s): splits = ceil(S / chunk)
   num_warps: int = 4
   num_stages: int = 2
+  heads: int = 1  # heads a program (a power of two dividing N): contiguous rows of G heads
 
 
 DECODE_TUNING = DecodeTuning()
@@ -47,6 +48,8 @@ def unsupported_reason(k_bits, v, tuning: DecodeTuning = DECODE_TUNING) -> str |
     return f"head dim {head_dim} (the kernel takes powers of two >= 32)"
   if cache % tuning.block_s:
     return f"cache length {cache} not a multiple of {tuning.block_s}"
+  if k_bits.shape[2] % tuning.heads:
+    return f"{k_bits.shape[2]} heads not a multiple of {tuning.heads} (heads a program)"
   return None
 
 
@@ -63,39 +66,44 @@ def decode_partials(q_bits, q_factor, k_bits, k_scale, v, lengths,
   block_s, chunk = tuning.block_s, tuning.chunk
   splits = pl.cdiv(cache, chunk)
 
+  group = tuning.heads
   def kernel(len_ref, qb_ref, qf_ref, kb_ref, ks_ref, v_ref, acc_ref, m_ref, l_ref):
-    n, c, b = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    g, c, b = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    heads_ = pl.ds(pl.multiple_of(g * group, group), group)
     start = c * chunk
     end = jnp.minimum(start + chunk, len_ref[b])
     num_steps = pl.cdiv(jnp.maximum(end - start, 0), block_s)
-    q_words = qb_ref[b, n, :]  # [W]
-    q_factor = qf_ref[b, n]
+    q_words = qb_ref[b, heads_, :]  # [G, W]
+    q_factor = qf_ref[b, heads_]  # [G]
 
     def step(i, carry):
-      acc, m, l = carry
+      acc, m, l = carry  # [G, H], [G], [G]
       s0 = pl.multiple_of(start + i * block_s, block_s)
       keys = pl.ds(s0, block_s)
-      differ = lax.population_count(kb_ref[b, keys, n, :] ^ q_words[None, :]).sum(axis=1)
-      s = (head_dim - 2 * differ).astype(jnp.float32) * ks_ref[b, keys, n] * q_factor
-      valid = s0 + lax.broadcasted_iota(jnp.int32, (block_s,), 0) < end
+      words = kb_ref[b, keys, heads_, :]  # [bs, G, W]
+      differ = lax.population_count(words ^ q_words[None]).sum(axis=2)  # [bs, G]
+      s = (head_dim - 2 * differ).astype(jnp.float32) * ks_ref[b, keys, heads_] * q_factor[None]
+      valid = (s0 + lax.broadcasted_iota(jnp.int32, (block_s, 1), 0)) < end  # [bs, 1]
       s = jnp.where(valid, s, -jnp.inf)
       # Values past the length may be anything (a cache's unwritten tail): 0 * NaN is NaN.
-      v = jnp.where(valid[:, None], v_ref[b, keys, n, :].astype(jnp.float32), 0.0)  # [bs, H]
-      m_new = jnp.maximum(m, s.max())
+      v = jnp.where(valid[:, :, None], v_ref[b, keys, heads_, :].astype(jnp.float32), 0.0)
+      m_new = jnp.maximum(m, s.max(axis=0))
       alpha = jnp.exp2(m - m_new)
-      p = jnp.exp2(s - m_new)  # [bs]
-      return acc * alpha + (p[:, None] * v).sum(axis=0), m_new, l * alpha + p.sum()
+      p = jnp.exp2(s - m_new[None])  # [bs, G]
+      acc = acc * alpha[:, None] + (p[:, :, None] * v).sum(axis=0)
+      return acc, m_new, l * alpha + p.sum(axis=0)
 
-    init = (jnp.zeros((head_dim,), jnp.float32), jnp.float32(-jnp.inf), jnp.float32(0))
+    init = (jnp.zeros((group, head_dim), jnp.float32), jnp.full((group,), -jnp.inf, jnp.float32),
+            jnp.zeros((group,), jnp.float32))
     acc, m, l = lax.fori_loop(0, num_steps, step, init)
-    acc_ref[b, n, c, :] = acc
-    m_ref[b, n, c] = m
-    l_ref[b, n, c] = l
+    acc_ref[b, heads_, c, :] = acc
+    m_ref[b, heads_, c] = m
+    l_ref[b, heads_, c] = l
 
   f32 = jnp.float32
   return pl.pallas_call(
       kernel,
-      grid=(heads, splits, batch),
+      grid=(heads // group, splits, batch),
       out_shape=(jax.ShapeDtypeStruct((batch, heads, splits, head_dim), f32),
                  jax.ShapeDtypeStruct((batch, heads, splits), f32),
                  jax.ShapeDtypeStruct((batch, heads, splits), f32)),

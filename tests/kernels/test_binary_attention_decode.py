@@ -73,8 +73,8 @@ def _cache(key, batch, cache, heads, head_dim, dtype=jnp.float32):
 _LENGTHS = [1, 45, 70, 128]
 
 
-@pytest.mark.parametrize("head_dim", [64, 128])
-def test_gpu_kernel_interpreted_matches_reference(head_dim):
+@pytest.mark.parametrize("head_dim,heads", [(64, 1), (128, 2)])
+def test_gpu_kernel_interpreted_matches_reference(head_dim, heads):
   q, k_bits, k_scale, v = _cache(head_dim, 4, 128, 2, head_dim)
   lengths = jnp.array(_LENGTHS, jnp.int32)
   want = bd.binary_decode_attention_reference(q, k_bits, k_scale, v, lengths)
@@ -82,7 +82,7 @@ def test_gpu_kernel_interpreted_matches_reference(head_dim):
   tail = jnp.arange(128)[None, :, None, None] >= lengths[:, None, None, None]
   v_dirty = jnp.where(tail, jnp.nan, v)
   q_bits, q_scale = bd.pack_signs(q)
-  tuning = binary_decode_gpu.DecodeTuning(block_s=16, chunk=32)  # 4 splits of 2 steps
+  tuning = binary_decode_gpu.DecodeTuning(block_s=16, chunk=32, heads=heads)  # 4 splits x 2 steps
   got = binary_decode_gpu.binary_decode_gpu(q_bits, q_scale, k_bits, k_scale, v_dirty, lengths,
                                             tuning, interpret=True)
   np.testing.assert_allclose(got, want, atol=2e-6, rtol=2e-6)
@@ -156,6 +156,8 @@ def test_tpu_decode_kernel_compiles_for_real_generations(topology, head_dim, mon
 @pytest.mark.gpu
 @pytest.mark.parametrize("head_dim", [64, 128])
 def test_gpu_kernel_matches_reference(head_dim):
+  if jax.default_backend() != "gpu":
+    pytest.skip("needs a CUDA GPU")
   q, k_bits, k_scale, v = _cache(head_dim, 4, 4096, 4, head_dim, jnp.bfloat16)
   lengths = jnp.array([1, 1000, 2049, 4096], jnp.int32)
   tail = jnp.arange(4096)[None, :, None, None] >= lengths[:, None, None, None]
