@@ -31,6 +31,7 @@ import ml_collections
 VAE_VARIANTS = {
     # name: (codebook_dim, base_channels, channel_mult, patch_size)
     "vae_tiny": (16, 32, (1, 1, 1, 2, 2), 16),
+    "vae_cpu": (16, 24, (1, 1, 2, 2), 8),
     "vae_d16": (16, 128, (1, 2, 4, 4, 4), 16),
     "vae_d24": (24, 128, (1, 2, 4, 4, 4), 16),
     "vae_d32": (32, 128, (1, 2, 4, 4, 4), 16),
@@ -39,7 +40,7 @@ VAE_VARIANTS = {
 }
 
 
-def vae_config(variant: str) -> ml_collections.ConfigDict:
+def vae_config(variant: str, num_res_blocks: int = 2) -> ml_collections.ConfigDict:
   if variant not in VAE_VARIANTS:
     raise ValueError(f"unknown Infinity VAE variant {variant!r}; known: {sorted(VAE_VARIANTS)}")
   codebook_dim, base_channels, channel_mult, patch_size = VAE_VARIANTS[variant]
@@ -47,7 +48,7 @@ def vae_config(variant: str) -> ml_collections.ConfigDict:
       codebook_dim=codebook_dim,
       base_channels=base_channels,
       channel_mult=channel_mult,
-      num_res_blocks=2,
+      num_res_blocks=num_res_blocks,
       patch_size=patch_size,
       image_channels=3,
   ))
@@ -88,9 +89,9 @@ NUM_PHOTOS = 10  # labels of the embedded photos (bitgen.data.embedded_photos.PH
 def train_tiny_vae_config() -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dict(
       task="infinity_vae",
-      model=vae_config("vae_tiny"),
-      data=dict(name="embedded_photos", image_size=64),
-      train=dict(batch_size=16, steps=2000, seed=0, lr=1e-3, warmup_steps=100, lr_end_factor=0.1,
+      model=vae_config("vae_cpu", num_res_blocks=1),
+      data=dict(name="embedded_photos", image_size=32),
+      train=dict(batch_size=16, steps=300, seed=0, lr=1e-3, warmup_steps=100, lr_end_factor=0.1,
                  b1=0.9, b2=0.95, weight_decay=1e-4, ema_decay=None,
                  loss=dict(reconstruct_weight=1.0, codebook_weight=0.1, codebook_rampup_multiplier=1.0)),
       checkpoint=dict(every=500, keep=2),
@@ -112,14 +113,15 @@ def train_tiny_config(vae_source: str = "workdirs/infinity_tiny_vae") -> ml_coll
       vae=stage1.model,
       vae_stage=stage1,
       vae_source=vae_source,
-      data=dict(name="embedded_photos", image_size=64),
-      train=dict(batch_size=batch_size, steps=3000, seed=0, lr=6e-3 * batch_size / 256, warmup_steps=50,
+      data=dict(name="embedded_photos", image_size=32),
+      train=dict(batch_size=batch_size, steps=400, seed=0, lr=6e-3 * batch_size / 256, warmup_steps=50,
                  lr_start_factor=0.0, lr_end_factor=1.0, b1=0.9, b2=0.97, weight_decay=0.005,
                  grad_clip_norm=5.0, ema_decay=None,
                  loss=dict(cond_drop_rate=0.1, noise_strength=0.3, noise_layers=13, requantize=True,
                            num_train_scales=100, reweight_by_scale=True, label_smoothing=0.0)),
       checkpoint=dict(every=500, keep=2),
-      log=dict(every=50, grid_every=1000, grid_images=8),
+      log=dict(every=50, grid_every=500, grid_images=8),
+      sample=dict(cfg=3.0, tau=1.0, top_k=0, top_p=0.0, columns=8),
       mesh=dict(shape=(1, -1, 1)),
   ))
 

@@ -10,8 +10,10 @@
   around self-attention and the FFN; a plain pre-LN cross-attention in between.
 - `AdaLNBeforeHead`: AdaLN with its own condition projection before the output head.
 
-Activations are [B, T, C] float32; attention goes through `bitgen.nn.attention.attention` and every
-projection through `bitgen.nn.linear.linear`, so their `kind` switches reach this model.
+Activations are [B, T, C] in the parameters' dtype (float32 for training and parity, bfloat16 for
+fast inference: norms, L2 normalisation and RoPE compute in float32 and cast back); attention goes
+through `bitgen.nn.attention.attention` and every projection through `bitgen.nn.linear.linear`, so
+their `kind` switches reach this model.
 """
 
 import math
@@ -37,14 +39,16 @@ def param(init, shape: tuple[int, ...], axes: tuple[str | None, ...], rngs: nnx.
 
 def plain_layer_norm(x: jax.Array, eps: float) -> jax.Array:
   """LayerNorm without affine parameters (the official `ln_wo_grad`), two-pass variance."""
-  mean = jnp.mean(x, axis=-1, keepdims=True)
-  var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
-  return (x - mean) * jax.lax.rsqrt(var + eps)
+  x32 = x.astype(jnp.float32)
+  mean = jnp.mean(x32, axis=-1, keepdims=True)
+  var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+  return ((x32 - mean) * jax.lax.rsqrt(var + eps)).astype(x.dtype)
 
 
 def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
   """torch F.normalize over the last axis."""
-  return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)
+  x32 = x.astype(jnp.float32)
+  return (x32 / jnp.maximum(jnp.linalg.norm(x32, axis=-1, keepdims=True), eps)).astype(x.dtype)
 
 
 class RMSNorm(nnx.Module):
@@ -55,7 +59,9 @@ class RMSNorm(nnx.Module):
     self.weight = param(nnx.initializers.ones_init(), (width,), ("norm",), rngs)
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    return x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + self.eps) * self.weight[...]
+    x32 = x.astype(jnp.float32)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
+    return (normed * self.weight[...]).astype(jnp.result_type(x, self.weight[...]))
 
 
 def rope2d_cos_sin(grids: tuple[tuple[int, int], ...], rope_grid: tuple[int, int], head_dim: int
@@ -84,12 +90,12 @@ def rope2d_cos_sin(grids: tuple[tuple[int, int], ...], rope_grid: tuple[int, int
 
 
 def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-  """Rotates pairs (2j, 2j+1) of x [B, T, N, H] by angle tables cos/sin [T, H/2]."""
-  pairs = x.reshape(*x.shape[:-1], -1, 2)
+  """Rotates pairs (2j, 2j+1) of x [B, T, N, H] by angle tables cos/sin [T, H/2] (float32)."""
+  pairs = x.astype(jnp.float32).reshape(*x.shape[:-1], -1, 2)
   even, odd = pairs[..., 0], pairs[..., 1]
   cos, sin = cos[:, None, :], sin[:, None, :]  # [T, 1, H/2]
   rotated = jnp.stack([cos * even - sin * odd, sin * even + cos * odd], axis=-1)
-  return rotated.reshape(x.shape)
+  return rotated.reshape(x.shape).astype(x.dtype)
 
 
 class SelfAttention(nnx.Module):
@@ -115,10 +121,19 @@ class SelfAttention(nnx.Module):
     k = apply_rope(l2_normalize(k), cos, sin)
     return q, k, v
 
-  def attend(self, q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None) -> jax.Array:
-    """Softmax(q k^T) v (no 1/sqrt(H): cosine attention carries its own scale) -> [B, T, C]."""
-    # `attention` divides the logits by sqrt(H); pre-multiplying q undoes it.
-    out = attention(q * math.sqrt(self.head_dim), k, v, mask=mask, kind=self.attention_kind)
+  def attend(self, q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, *,
+             implementation: str | None = None) -> jax.Array:
+    """Softmax(q k^T) v (no 1/sqrt(H): cosine attention carries its own scale) -> [B, T, C].
+
+    implementation: None goes through `bitgen.nn.attention` (the model's attention kind); "cudnn"
+    or "xla" call `jax.nn.dot_product_attention` with that implementation (dense attention only;
+    the sampler picks cuDNN flash attention on GPU in bfloat16).
+    """
+    if implementation is not None and self.attention_kind == "dense":
+      out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=1.0, implementation=implementation)
+    else:
+      # `attention` divides the logits by sqrt(H); pre-multiplying q undoes it.
+      out = attention(q * math.sqrt(self.head_dim), k, v, mask=mask, kind=self.attention_kind)
     return self.proj(out.reshape(*out.shape[:-2], -1))
 
   def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array | None) -> jax.Array:

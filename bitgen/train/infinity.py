@@ -169,10 +169,11 @@ def load_vae(config) -> nnx.Module:
   return convert.load_vae(source, configlib.from_dict(InfinityVAEConfig, config.vae, where="config.vae"))
 
 
-def evaluate_bits(task: InfinityTask, model: nnx.Module, train_batches, eval_batches
-                  ) -> dict[str, float]:
-  """Held-out bits-per-bit NLL of the model (clean teacher forcing, with the labels as condition)
-  against the unconditional bit-frequency baseline fitted on the training batches' labels."""
+def evaluate_bits(task: InfinityTask, model: nnx.Module, train_batches, eval_batches, *,
+                  unconditional: bool = False) -> dict[str, float]:
+  """Held-out bits-per-bit NLL of the model (clean teacher forcing, conditioned on the batches'
+  labels, or on the null condition when `unconditional`) against the unconditional bit-frequency
+  baseline fitted on the training batches' labels."""
   import numpy as np  # pylint: disable=g-import-not-at-top
 
   def clean_targets(images):
@@ -187,7 +188,8 @@ def evaluate_bits(task: InfinityTask, model: nnx.Module, train_batches, eval_bat
   @nnx.jit
   def nll_bits(model, images, classes):
     schedule, inputs, labels = clean_targets(images)
-    logits = model(inputs, schedule, labels=classes)
+    drop = jnp.full(classes.shape, unconditional)
+    logits = model(inputs, schedule, labels=classes, drop=drop)
     return jnp.sum(infinity_loss.bitwise_cross_entropy(logits, labels)) / jnp.log(2.0), labels
 
   if task.model_config.spatial_patchify:
@@ -205,3 +207,144 @@ def evaluate_bits(task: InfinityTask, model: nnx.Module, train_batches, eval_bat
   frequencies = infinity_loss.fit_bit_frequencies(train_labels, schedule)
   baseline = infinity_loss.baseline_bits_per_bit(frequencies, np.concatenate(eval_labels), schedule)
   return {"bits_per_bit": total / count, "baseline_bits_per_bit": baseline}
+
+
+def evaluate_config(config, model: nnx.Module, task: InfinityTask | None = None, *,
+                    batch_size: int = 64, train_batches: int = 4) -> dict[str, Any]:
+  """`evaluate_bits` of a trained `train_tiny`-style config on its data, as a report.
+
+  Baseline: bit frequencies of `train_batches` batches of the training stream. Held out: the eval
+  split's crops (photos never seen in training, whose photo-id classes were never trained either,
+  so the headline NLL there is the unconditional one: the null condition of CFG dropout). Also:
+  fresh crops of the training photos (another stream seed), conditional on their photo id and not.
+  """
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from bitgen import data  # pylint: disable=g-import-not-at-top
+  from bitgen.train import config as config_lib  # pylint: disable=g-import-not-at-top
+  config = config_lib.with_defaults(config)
+  task = task or build_task(config)
+
+  def stream(seed):
+    it = iter(data.make_pipeline(config.data, split="train", batch_size=batch_size, seed=seed))
+    return [next(it) for _ in range(train_batches)]
+
+  def chunks(images, labels):
+    return [{"image": images[i:i + batch_size], "label": labels[i:i + batch_size]}
+            for i in range(0, len(images), batch_size)]
+
+  train = stream(config.train.seed)
+  held_out = data.eval_images(config.data)
+  held = chunks(held_out["image"], held_out["label"])
+  fresh = stream(config.train.seed + 1)
+  held_uncond = evaluate_bits(task, model, train, held, unconditional=True)
+  fresh_cond = evaluate_bits(task, model, train, fresh)
+  fresh_uncond = evaluate_bits(task, model, train, fresh, unconditional=True)
+  return {
+      "held_out": {"crops": int(len(held_out["image"])),
+                   "photos": sorted(set(held_out["name"])),
+                   "bits_per_bit_unconditional": held_uncond["bits_per_bit"],
+                   "baseline_bits_per_bit": held_uncond["baseline_bits_per_bit"]},
+      "train_photos_fresh_crops": {"crops": int(sum(len(b["image"]) for b in fresh)),
+                                   "bits_per_bit_conditional": fresh_cond["bits_per_bit"],
+                                   "bits_per_bit_unconditional": fresh_uncond["bits_per_bit"],
+                                   "baseline_bits_per_bit": fresh_cond["baseline_bits_per_bit"]},
+      "baseline_train_crops": int(np.sum([len(b["image"]) for b in train])),
+  }
+
+
+def train_and_evaluate(config_vae, config, workdir, *, eval_batch_size: int = 64) -> dict[str, Any]:
+  """Trains the VAE (`<workdir>/vae`), then the transformer on it (`<workdir>/transformer`),
+  evaluates the transformer (`evaluate_config`) and writes `<workdir>/report.json`; returns it.
+
+  Reproduces bitgen/bench/RESULTS_infinity.md (section "Training"):
+      train_and_evaluate(get_config("train_tiny_vae"), get_config("train_tiny"), "workdirs/infinity")
+  """
+  import datetime  # pylint: disable=g-import-not-at-top
+  import json  # pylint: disable=g-import-not-at-top
+  import pathlib  # pylint: disable=g-import-not-at-top
+  import time  # pylint: disable=g-import-not-at-top
+  from bitgen.train import config as config_lib  # pylint: disable=g-import-not-at-top
+  from bitgen.train import trainer  # pylint: disable=g-import-not-at-top
+  workdir = pathlib.Path(workdir)
+  config = config_lib.with_defaults(config)
+  config.vae_stage = config_lib.with_defaults(config_vae)
+  config.vae_source = str(workdir / "vae")
+  start = time.perf_counter()
+  vae_result = trainer.run(config.vae_stage, workdir / "vae", task=build_task(config.vae_stage))
+  vae_minutes = (time.perf_counter() - start) / 60
+  start = time.perf_counter()
+  task = build_task(config)
+  result = trainer.run(config, workdir / "transformer", task=task)
+  minutes = (time.perf_counter() - start) / 60
+  start = time.perf_counter()
+  report = {
+      "date": datetime.date.today().isoformat(),
+      "jax": jax.__version__,
+      "device": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
+      "vae": {"steps": int(vae_result.state.step), "train_minutes": vae_minutes,
+              "final_metrics": vae_result.history[-1] if vae_result.history else {}},
+      "transformer": {"steps": int(result.state.step), "train_minutes": minutes,
+                      "final_metrics": result.history[-1] if result.history else {},
+                      **evaluate_config(config, result.model(), task, batch_size=eval_batch_size)},
+  }
+  report["eval_minutes"] = (time.perf_counter() - start) / 60
+  (workdir / "report.json").write_text(json.dumps(report, indent=2))
+  return report
+
+
+def restore_model(config, workdir) -> tuple[nnx.Module, InfinityTask]:
+  """(the transformer of `config` from the latest checkpoint in `<workdir>/checkpoints`, on this
+  process's first device; its task, which holds the frozen VAE read from `config.vae_source`)."""
+  from bitgen.train import bld  # pylint: disable=g-import-not-at-top
+  from bitgen.train import config as config_lib  # pylint: disable=g-import-not-at-top
+  from bitgen.train import trainer  # pylint: disable=g-import-not-at-top
+  config = config_lib.with_defaults(config)
+  if config.task != "infinity":
+    raise ValueError(f"restore_model takes an Infinity transformer config (task 'infinity'), got "
+                     f"task {config.task!r}")
+  task = build_task(config)
+  return bld.on_one_device(trainer.restore(config, workdir, task=task).model()), task
+
+
+SAMPLE_DEFAULTS = dict(cfg=3.0, tau=1.0, top_k=0, top_p=0.0, columns=8)
+
+
+def sample_grid_from_config(config, workdir, out_path, *, num_images: int | None = None,
+                            steps: int | None = None, seed: int | None = None,
+                            temperature: float | None = None, guidance: float | None = None):
+  """`bitgen sample` for task "infinity": class-conditional samples of the transformer trained in
+  `workdir` (its VAE from `config.vae_source`) -> one RGB PNG grid at `out_path`; returns the path.
+
+  num_images (default 16) get labels 0, 1, 2, ... mod num_classes, one row per `columns` images;
+  temperature is tau and guidance the CFG weight (defaults: `config.sample`, else SAMPLE_DEFAULTS);
+  the image size is the config's data.image_size. Infinity has no step count: its scale schedule
+  is fixed by the image size, so `steps` must be None.
+  """
+  import pathlib  # pylint: disable=g-import-not-at-top
+  import PIL.Image  # pylint: disable=g-import-not-at-top
+  from bitgen.sample import bld as bld_sample  # pylint: disable=g-import-not-at-top
+  from bitgen.sample import next_scale  # pylint: disable=g-import-not-at-top
+  if steps is not None:
+    raise ValueError(f"Infinity samples one pass over a fixed scale schedule; steps={steps} does not "
+                     "apply (omit --steps)")
+  num_images = 16 if num_images is None else num_images
+  if num_images < 1:
+    raise ValueError(f"num_images must be >= 1, got {num_images}")
+  options = {**SAMPLE_DEFAULTS, **dict(config.get("sample") or {})}
+  unknown = sorted(set(options) - set(SAMPLE_DEFAULTS))
+  if unknown:
+    raise ValueError(f"unknown key(s) {unknown} in config.sample; valid keys: {sorted(SAMPLE_DEFAULTS)}")
+  model, task = restore_model(config, workdir)
+  size = dict(config.data)["image_size"]
+  schedule, _ = task.schedules((num_images, size, size, 3))
+  labels = jnp.arange(num_images, dtype=jnp.int32) % model.config.num_classes
+  generation = next_scale.generate(
+      model, schedule, jax.random.key(0 if seed is None else seed), labels=labels,
+      cfg=options["cfg"] if guidance is None else guidance,
+      tau=options["tau"] if temperature is None else temperature,
+      top_k=options["top_k"], top_p=options["top_p"])
+  images = nnx.jit(lambda vae, latent: vae.decode(latent))(task.vae, generation.latent)  # RGB
+  path = pathlib.Path(out_path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  PIL.Image.fromarray(bld_sample.image_grid(images, columns=options["columns"])).save(path)
+  return path
