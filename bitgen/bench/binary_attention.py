@@ -201,6 +201,7 @@ def main(argv=None):
   parser.add_argument("--out", help="also write the markdown tables to this file")
   parser.add_argument("--tune", help="time GPU kernel tunings: block_q,block_kv,steps,schedule"
                       "[,magic] (several separated by ';')")
+  parser.add_argument("--decode-only", action="store_true", help="skip the prefill tables")
   parser.add_argument("--decode-sweep", action="store_true", help="time DECODE_SWEEP tunings")
   args = parser.parse_args(argv)
   if args.tune:
@@ -216,7 +217,7 @@ def main(argv=None):
   prefill, accuracy, decode, decode_accuracy = [], [], [], []
   for batch in DECODE_BATCHES[:1] if args.quick else DECODE_BATCHES:
     bench_decode(batch, decode, decode_accuracy)
-  for config in PREFILL[:1] if args.quick else PREFILL:
+  for config in [] if args.decode_only else PREFILL[:1] if args.quick else PREFILL:
     bench_prefill(*config, prefill, accuracy)
   text = "\n\n".join([
       header,
