@@ -15,6 +15,10 @@
                   "photos_ae"), get_config("photos_prior"), workdir)` trains both and evaluates.
                   `diffusion.loss_type="plain"` (a likelihood loss) gives a far better NLL bound
                   than the official balanced loss (bitgen/bench/RESULTS_bld.md).
+  photos          both stages in one config (task "bld"): `ae` = photos_ae, `prior` = photos_prior.
+                  `bitgen train --config bld:photos --workdir W` trains both (`train_bld`) and
+                  writes W/report.json; `bitgen sample --config bld:photos --workdir W --out g.png
+                  --steps 16` draws a grid. Overrides address a stage: `--set prior.train.steps=100`.
 
 `autoencoder` fills `bitgen.models.bld_autoencoder.Config`, `denoiser` fills
 `bitgen.models.bld_denoiser.Config`, `diffusion` and `sample` are the keyword arguments of
@@ -29,8 +33,13 @@ _TRAINING = ("photos_ae", "photos_prior")
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   variant = (arg or "c64").lower()
-  if variant not in (*_BITS, "tiny", *_TRAINING):
-    raise ValueError(f"unknown bld variant {arg!r}; expected one of {[*_BITS, 'tiny', *_TRAINING]}")
+  if variant not in (*_BITS, "tiny", *_TRAINING, "photos"):
+    raise ValueError(
+        f"unknown bld variant {arg!r}; expected one of {[*_BITS, 'tiny', *_TRAINING, 'photos']}")
+  if variant == "photos":
+    return ml_collections.ConfigDict(dict(
+        variant=variant, task="bld", ae=_photos_training_config("photos_ae"),
+        prior=_photos_training_config("photos_prior")))
   if variant in _TRAINING:
     return _photos_training_config(variant)
   config = ml_collections.ConfigDict()
@@ -63,7 +72,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       focal_gamma=0.0,
       loss_final="mean",       # mean | weighted (1 - (t-1)/T)
   )
-  config.sample = dict(steps=16, temperature=0.9, guidance=0.0)
+  # spacing: "linspace" (official, any steps <= T) or "even" (equal strides: (T-1) % (steps-1) == 0).
+  config.sample = dict(steps=16, temperature=0.9, guidance=0.0, spacing="linspace")
   return config
 
 

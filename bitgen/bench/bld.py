@@ -3,9 +3,10 @@
     python -m bitgen.bench.bld [--steps 16 64] [--batch 16] [--trials 5] [--precisions float32 bfloat16]
     python -m bitgen.bench.bld --config tiny --batch 2 --steps 4    # a seconds-long CPU smoke run
 
-Times our jit sampler (`bitgen.sample.binary_diffusion.sample`: one `lax.scan` over the steps) and
-the jit decode of the sampled bits to 256^2 images, end to end per batch (bits -> images on the
-device, `block_until_ready`), with random weights of the C64 models (`configs/bld.py:c64`, built here
+Times `bitgen.sample.bld.sampler`: one jit holding the `lax.scan` over the steps and the decode of
+the sampled bits to 256^2 images, end to end per batch (key -> images on the device,
+`block_until_ready`), temperature 0.9, no guidance (the C64 prior is unconditional), with random
+weights of the C64 models (`configs/bld.py:c64`, built here
 so that this module needs only jax/flax: no tfds/grain/ml_collections/dm-pix). Images/s = batch /
 the median time of `trials` batches after one warm-up (compile) batch.
 
@@ -18,7 +19,6 @@ there is no PyTorch BLD on the device machine.
 """
 
 import argparse
-import dataclasses
 import statistics
 import time
 
@@ -29,11 +29,13 @@ from flax import nnx
 from bitgen.models import bld_autoencoder as ae_lib
 from bitgen.models import bld_denoiser as den_lib
 from bitgen.sample import binary_diffusion as bd
+from bitgen.sample import bld as bld_sample
 
 # (precision, steps) -> images/s of the official PyTorch sampler + decode (quoted, not re-run).
 OFFICIAL = {("bfloat16", 16): 53.2, ("bfloat16", 64): 19.9,
             ("float32", 16): 22.5, ("float32", 64): 5.8}
 TARGET_SPEEDUP = 2.0
+TEMPERATURE = 0.9  # configs/bld.py sample.temperature
 
 # The values of configs/bld.py (c64 and tiny); tests/bench check that they agree.
 CONFIGS = {
@@ -44,7 +46,7 @@ CONFIGS = {
             decoder_res_mult=1.0, norm_first=True, code_weight=0.0),
         denoiser=dict(num_bits=64, latent_size=16, width=768, heads=12, depth=24, num_classes=0,
                       time_scale_steps=64),
-        total_steps=64, beta_type="linear", temperature=0.9),
+        total_steps=64, beta_type="linear"),
     "tiny": dict(
         autoencoder=dict(
             image_size=32, in_channels=3, base_channels=32, channel_mult=(1, 1, 2),
@@ -52,7 +54,7 @@ CONFIGS = {
             decoder_res_mult=1.0, norm_first=True, code_weight=0.0),
         denoiser=dict(num_bits=32, latent_size=8, width=64, heads=2, depth=2, num_classes=10,
                       time_scale_steps=16),
-        total_steps=16, beta_type="linear", temperature=0.9),
+        total_steps=16, beta_type="linear"),
 }
 _COMPUTE_MODULES = (nnx.Linear, nnx.Conv, nnx.LayerNorm, nnx.GroupNorm, nnx.Embed)
 
@@ -65,56 +67,33 @@ def autocast(model: nnx.Module, dtype) -> nnx.Module:
   return model
 
 
-@dataclasses.dataclass
-class Models:
-  denoiser: den_lib.Denoiser
-  decode: "callable"            # (B, L, C) bits -> (B, S, S, 3) images in [-1, 1]
-  schedule: bd.NoiseSchedule
-  temperature: float
-
-
-def build_models(name: str, precision: str, seed: int = 0) -> Models:
+def build_pipeline(name: str, precision: str, seed: int = 0) -> bld_sample.Pipeline:
   spec = CONFIGS[name]
-  dtype = {"float32": None, "bfloat16": jnp.bfloat16}[precision]
   ae_config = ae_lib.Config(**spec["autoencoder"])
   den_config = den_lib.Config(**spec["denoiser"])
   autoencoder = nnx.jit(lambda: ae_lib.BinaryAutoencoder(ae_config, rngs=nnx.Rngs(seed)))()
   denoiser = nnx.jit(lambda: den_lib.Denoiser(den_config, rngs=nnx.Rngs(seed + 1)))()
-  if dtype is not None:
-    autocast(autoencoder, dtype)
-    autocast(denoiser, dtype)
-  graphdef, state = nnx.split(autoencoder)
-  size = ae_config.latent_size
-
-  @jax.jit
-  def decode_state(state, bits):
-    model = nnx.merge(graphdef, state)
-    grid = bits.reshape(bits.shape[0], size, size, bits.shape[-1])
-    return jnp.clip(model.decode(grid), -1.0, 1.0).astype(jnp.float32)
-
-  return Models(denoiser, lambda bits: decode_state(state, bits),
-                bd.noise_schedule(spec["total_steps"], spec["beta_type"]), spec["temperature"])
+  if precision == "bfloat16":
+    autocast(autoencoder, jnp.bfloat16)
+    autocast(denoiser, jnp.bfloat16)
+  return bld_sample.Pipeline(autoencoder, denoiser,
+                             bd.noise_schedule(spec["total_steps"], spec["beta_type"]), p_flip=True)
 
 
-def generate(models: Models, key: jax.Array, *, batch: int, steps: int) -> jax.Array:
-  labels = None
-  if models.denoiser.config.num_classes:
-    labels = jnp.arange(batch) % models.denoiser.config.num_classes
-  bits = bd.sample(models.denoiser, key, batch=batch, schedule=models.schedule, steps=steps,
-                   temperature=models.temperature, labels=labels)
-  return models.decode(bits)
-
-
-def images_per_second(models: Models, *, batch: int, steps: int, trials: int) -> tuple[float, float]:
+def images_per_second(pipeline: bld_sample.Pipeline, *, batch: int, steps: int,
+                      trials: int) -> tuple[float, float]:
   """(images/s from the median batch time, first-call seconds incl. compile)."""
+  generate = bld_sample.sampler(pipeline, batch=batch, steps=steps)
+  num_classes = pipeline.denoiser.config.num_classes
+  labels = jnp.arange(batch) % num_classes if num_classes else None
   key = jax.random.key(0)
   start = time.perf_counter()
-  jax.block_until_ready(generate(models, key, batch=batch, steps=steps))
+  jax.block_until_ready(generate(key, labels, TEMPERATURE))
   first = time.perf_counter() - start
   times = []
   for i in range(trials):
     start = time.perf_counter()
-    jax.block_until_ready(generate(models, jax.random.fold_in(key, i + 1), batch=batch, steps=steps))
+    jax.block_until_ready(generate(jax.random.fold_in(key, i + 1), labels, TEMPERATURE))
     times.append(time.perf_counter() - start)
   return batch / statistics.median(times), first
 
@@ -140,9 +119,9 @@ def main(argv=None):
         "speedup | vs official bf16 |")
   print("|---|---|---|---|---|---|---|")
   for precision in args.precisions:
-    models = build_models(args.config, precision)
+    pipeline = build_pipeline(args.config, precision)
     for steps in args.steps:
-      rate, first = images_per_second(models, batch=args.batch, steps=steps, trials=args.trials)
+      rate, first = images_per_second(pipeline, batch=args.batch, steps=steps, trials=args.trials)
       ours[(precision, steps)] = rate
       official = OFFICIAL.get((precision, steps)) if args.config == "c64" and args.batch == 16 else None
       best_official = (OFFICIAL.get(("bfloat16", steps))

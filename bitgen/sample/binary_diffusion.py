@@ -17,6 +17,7 @@ autoencoder's (B, h, w, C) reshaped).
 """
 
 import dataclasses
+import functools
 from collections.abc import Sequence
 from typing import Literal
 
@@ -244,7 +245,7 @@ def sampling_steps(total_steps: int, steps: int | Sequence[int], spacing: Spacin
 
 
 @dataclasses.dataclass(frozen=True)
-class _Plan:
+class SamplingPlan:
   """Everything static about one sampling run (hashable: it keys the jit cache)."""
 
   steps: tuple[int, ...]
@@ -256,11 +257,48 @@ class _Plan:
   p_flip: bool
   guided: bool
   conditional: bool
-  injected_noise: bool
-  trajectory: bool
+  injected_noise: bool = False
+  trajectory: bool = False
 
 
-def _denoised_probs(model, plan: _Plan, x_t, t, labels, temperature, guidance):
+def sampling_plan(
+    denoiser_config, *, batch: int, schedule: NoiseSchedule, steps: int | Sequence[int],
+    spacing: Spacing = "linspace", p_flip: bool = True, guided: bool = False,
+    injected_noise: bool = False, trajectory: bool = False,
+) -> SamplingPlan:
+  """The plan of `sample_bits` for a denoiser config (num_positions, num_bits, num_classes): the
+  visited steps (`sampling_steps`, which checks the step count) and their posterior constants."""
+  conditional = getattr(denoiser_config, "num_classes", 0) > 0
+  if guided and not conditional:
+    raise ValueError("classifier-free guidance needs a class-conditional denoiser and labels")
+  visited = sampling_steps(schedule.total_steps, steps, spacing)
+  kernels = [skip_kernel(schedule, int(t), int(tp)) for t, tp in zip(visited[:-1], visited[1:])]
+  return SamplingPlan(
+      steps=tuple(int(t) for t in visited),
+      k_prev=tuple(float(schedule.k_final[tp]) for tp in visited[1:]),
+      b_prev=tuple(float(schedule.b_final[tp]) for tp in visited[1:]),
+      kernel_one=tuple(float(one) for one, _ in kernels),
+      kernel_zero=tuple(float(zero) for _, zero in kernels),
+      shape=(batch, denoiser_config.num_positions, denoiser_config.num_bits), p_flip=p_flip,
+      guided=guided, conditional=conditional, injected_noise=injected_noise, trajectory=trajectory)
+
+
+def check_labels(plan: SamplingPlan, labels) -> jax.Array | None:
+  """`labels` as (batch,) int32 when the plan's denoiser is class-conditional, else None."""
+  batch = plan.shape[0]
+  if plan.conditional and labels is None:
+    raise ValueError("this denoiser is class-conditional (num_classes > 0): pass labels (batch,)")
+  if not plan.conditional and labels is not None:
+    raise ValueError("labels given, but this denoiser is unconditional (num_classes=0)")
+  if labels is None:
+    return None
+  labels = jnp.asarray(labels, jnp.int32)
+  if labels.shape != (batch,):
+    raise ValueError(f"labels must have shape ({batch},), got {labels.shape}")
+  return labels
+
+
+def _denoised_probs(model, plan: SamplingPlan, x_t, t, labels, temperature, guidance):
   """P(x_0 = 1 | x_t) with temperature and classifier-free guidance."""
   batch = x_t.shape[0]
   steps = jnp.full((batch,), t, jnp.int32)
@@ -273,15 +311,17 @@ def _denoised_probs(model, plan: _Plan, x_t, t, labels, temperature, guidance):
     logits = (1 + guidance) * cond - guidance * uncond
   else:
     logits = model(x_t, steps, labels if plan.conditional else None) / temperature
-  p = jax.nn.sigmoid(logits)
+  p = jax.nn.sigmoid(logits.astype(jnp.float32))
   if plan.p_flip:
     x = x_t.astype(p.dtype)
     p = x * (1 - p) + (1 - x) * p
   return p
 
 
-def _sample(graphdef, state, key, labels, temperature, guidance, noise, plan: _Plan):
-  model = nnx.merge(graphdef, state)
+def sample_bits(model, plan: SamplingPlan, key, labels, temperature, guidance, noise=None):
+  """The sampler as a traceable function (call it inside a jit): one `lax.scan` over the plan's
+  transitions, then the thresholded prediction at the last step. Returns x_0, or (x_0, trajectory)
+  when `plan.trajectory`; see `sample` for the arguments."""
   n = len(plan.steps)
   keys = jax.random.split(key, n)
 
@@ -308,7 +348,9 @@ def _sample(graphdef, state, key, labels, temperature, guidance, noise, plan: _P
   return x0
 
 
-_sample_jit = jax.jit(_sample, static_argnames=("graphdef", "plan"))
+@functools.partial(jax.jit, static_argnames=("graphdef", "plan"))
+def _sample_jit(graphdef, state, key, labels, temperature, guidance, noise, plan: SamplingPlan):
+  return sample_bits(nnx.merge(graphdef, state), plan, key, labels, temperature, guidance, noise)
 
 
 def sample(
@@ -326,39 +368,19 @@ def sample(
   noise: optional (len(steps), batch, L, C) uniforms replacing the draws from `key`: noise[0]
     makes x_T = (U < 0.5), noise[i] the Bernoulli draw of step i (the last row is unused).
   return_trajectory: also return the (len(steps), batch, L, C) x_t at every visited step.
-  Deterministic given `key` (and `noise`).
+  Deterministic given `key` (and `noise`). For repeated sampling with fixed settings (and the
+  decode fused into the same jit) see `bitgen.sample.bld.sampler`.
   """
-  config = denoiser.config
-  total = schedule.total_steps
-  visited = sampling_steps(total, steps, spacing)
-  shape = (batch, config.num_positions, config.num_bits)
-  conditional = getattr(config, "num_classes", 0) > 0
-  if conditional and labels is None:
-    raise ValueError("this denoiser is class-conditional (num_classes > 0): pass labels (batch,)")
-  if not conditional and labels is not None:
-    raise ValueError("labels given, but this denoiser is unconditional (num_classes=0)")
-  if labels is not None:
-    labels = jnp.asarray(labels, jnp.int32)
-    if labels.shape != (batch,):
-      raise ValueError(f"labels must have shape ({batch},), got {labels.shape}")
-  guided = guidance is not None and guidance != 0
-  if guided and not conditional:
-    raise ValueError("classifier-free guidance needs a class-conditional denoiser and labels")
   if temperature <= 0:
     raise ValueError(f"temperature must be > 0, got {temperature}")
+  plan = sampling_plan(denoiser.config, batch=batch, schedule=schedule, steps=steps,
+                       spacing=spacing, p_flip=p_flip, guided=guidance is not None and guidance != 0,
+                       injected_noise=noise is not None, trajectory=return_trajectory)
+  labels = check_labels(plan, labels)
   if noise is not None:
     noise = jnp.asarray(noise, jnp.float32)
-    if noise.shape != (len(visited), *shape):
-      raise ValueError(f"noise must have shape {(len(visited), *shape)}, got {noise.shape}")
-  kernels = [skip_kernel(schedule, int(t), int(tp)) for t, tp in zip(visited[:-1], visited[1:])]
-  plan = _Plan(
-      steps=tuple(int(t) for t in visited),
-      k_prev=tuple(float(schedule.k_final[tp]) for tp in visited[1:]),
-      b_prev=tuple(float(schedule.b_final[tp]) for tp in visited[1:]),
-      kernel_one=tuple(float(one) for one, _ in kernels),
-      kernel_zero=tuple(float(zero) for _, zero in kernels),
-      shape=shape, p_flip=p_flip, guided=guided, conditional=conditional,
-      injected_noise=noise is not None, trajectory=return_trajectory)
+    if noise.shape != (len(plan.steps), *plan.shape):
+      raise ValueError(f"noise must have shape {(len(plan.steps), *plan.shape)}, got {noise.shape}")
   graphdef, state = nnx.split(denoiser)
   return _sample_jit(graphdef, state, key, labels, jnp.float32(temperature),
                      jnp.float32(guidance or 0.0), noise, plan=plan)

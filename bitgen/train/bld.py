@@ -13,9 +13,12 @@ Two tasks for the generic trainer (`bitgen.train.trainer.run`), named by `config
 
 `train_bld(config_ae, config_prior, workdir)` runs both (in `<workdir>/ae` and `<workdir>/prior`,
 resuming where they stopped) and evaluates them (`bitgen.eval.bld`); `sample_grid(...)` draws a
-PNG grid from the trained checkpoints. The configs are `configs/bld.py:photos_ae|photos_prior`.
+PNG grid from the trained checkpoints. The configs are `configs/bld.py:photos_ae|photos_prior`, or
+both in `configs/bld.py:photos` (task "bld"), which `bitgen train` / `bitgen sample` take
+(`sample_grid_from_config`).
 """
 
+import dataclasses
 import functools
 import json
 import pathlib
@@ -216,19 +219,32 @@ def restore_model(config, workdir: str | pathlib.Path, *, ema: bool = False) -> 
   return on_one_device(restore(config, workdir, task=build_task(config)).model(ema=ema))
 
 
-def check_configs(config_ae, config_prior) -> None:
-  """The AE and prior training configs are a pair: tasks, bits, latent grid, crop size, classes."""
+def check_pair(config_ae, config_prior) -> ae_lib.Config:
+  """The AE and prior configs are a pair: tasks, the prior's autoencoder, bits, latent grid.
+  Returns the autoencoder's model config."""
   if config_ae.get("task") != "bld_autoencoder":
     raise ValueError(f"the autoencoder config must have task 'bld_autoencoder', got "
                      f"{config_ae.get('task')!r}")
-  prior_ae = config_prior.get("autoencoder")
-  if prior_ae is not None and autoencoder_config(prior_ae) != autoencoder_config(config_ae.model):
-    raise ValueError("config_prior.autoencoder differs from config_ae.model: the prior must be "
-                     "trained on the bits of the autoencoder it is paired with")
   ae_config = autoencoder_config(config_ae.model)
+  if config_prior.get("autoencoder") is not None:
+    prior_ae = autoencoder_config(config_prior.autoencoder)
+    differ = {f.name: (getattr(prior_ae, f.name), getattr(ae_config, f.name))
+              for f in dataclasses.fields(ae_lib.Config)
+              if getattr(prior_ae, f.name) != getattr(ae_config, f.name)}
+    if differ:
+      raise ValueError(
+          "config_prior.autoencoder differs from config_ae.model (prior's vs autoencoder's: "
+          + ", ".join(f"{k} {a!r} vs {b!r}" for k, (a, b) in differ.items())
+          + "): the prior must be trained on the bits of the autoencoder it is paired with")
   if config_prior.get("task") != "bld_prior":
     raise ValueError(f"the prior config must have task 'bld_prior', got {config_prior.get('task')!r}")
   bld_sample.check_pairing(ae_config, denoiser_config(config_prior.model))
+  return ae_config
+
+
+def check_configs(config_ae, config_prior) -> None:
+  """`check_pair`, and the data agree: crop size, classes."""
+  ae_config = check_pair(config_ae, config_prior)
   for config in (config_ae, config_prior):
     if dict(config.data)["image_size"] != ae_config.image_size:
       raise ValueError(f"data.image_size={dict(config.data)['image_size']} of the {config.task} "
@@ -287,23 +303,33 @@ def sample_grid(config_ae, config_prior, workdir: str | pathlib.Path, out_path, 
   """Samples `batch` images from the models `train_bld` trained in `workdir` -> one PNG grid.
 
   steps: any number of denoiser steps <= config_prior.diffusion.total_steps (default
-  config_prior.sample.steps); temperature / guidance default to config_prior.sample; labels
-  (batch,) class ids, default 0, 1, 2, ... mod num_classes.
+  config_prior.sample.steps; spacing config_prior.sample.spacing); temperature / guidance default
+  to config_prior.sample; labels (batch,) class ids, default 0, 1, 2, ... mod num_classes.
+  The configs and the request are checked before the checkpoints load; a checkpoint written by
+  another configuration is a `CheckpointError` naming the differing entries.
   """
   workdir = pathlib.Path(workdir)
-  autoencoder = restore_model(config_ae, workdir / "ae", ema=ema)
-  denoiser = restore_model(config_prior, workdir / "prior", ema=ema)
-  bld_sample.check_pairing(autoencoder.config, denoiser.config)
+  check_pair(config_ae, config_prior)
   diffusion = dict(config_prior.diffusion)
-  pipeline = bld_sample.Pipeline(
-      autoencoder, denoiser, bd.noise_schedule(diffusion["total_steps"], diffusion["beta_type"]),
-      bool(diffusion["p_flip"]))
-  defaults = dict(config_prior.sample)
-  images = bld_sample.generate(
-      pipeline, jax.random.key(seed), batch=batch, steps=steps or defaults["steps"],
-      temperature=defaults["temperature"] if temperature is None else temperature,
-      guidance=defaults["guidance"] if guidance is None else guidance, labels=labels)
-  path = pathlib.Path(out_path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  Image.fromarray(bld_sample.image_grid(images, columns=columns)).save(path)
-  return path
+  schedule = bd.noise_schedule(diffusion["total_steps"], diffusion["beta_type"])
+  options = bld_sample.sample_options(config_prior.sample, schedule.total_steps, steps=steps,
+                                      temperature=temperature, guidance=guidance)
+  pipeline = bld_sample.Pipeline(restore_model(config_ae, workdir / "ae", ema=ema),
+                                 restore_model(config_prior, workdir / "prior", ema=ema),
+                                 schedule, bool(diffusion["p_flip"]))
+  return bld_sample.write_grid(pipeline, out_path, batch=batch, seed=seed, columns=columns,
+                               labels=labels, **options)
+
+
+def sample_grid_from_config(config, workdir: str | pathlib.Path, out_path, *,
+                            num_images: int | None = None, steps: int | None = None,
+                            seed: int | None = None, temperature: float | None = None,
+                            guidance: float | None = None) -> pathlib.Path:
+  """`bitgen sample` for a `configs/bld.py:photos`-style config (task "bld": `config.ae`,
+  `config.prior`); None means the default (16 images, seed 0, config.prior.sample)."""
+  if config.get("task") != "bld" or "ae" not in config or "prior" not in config:
+    raise ValueError("bitgen sample needs a two-stage BLD config (task 'bld' with 'ae' and 'prior' "
+                     f"stages, e.g. bld:photos), got task {config.get('task')!r}")
+  return sample_grid(config.ae, config.prior, workdir, out_path,
+                     batch=16 if num_images is None else num_images, steps=steps,
+                     seed=0 if seed is None else seed, temperature=temperature, guidance=guidance)
