@@ -10,8 +10,9 @@ weights of the C64 models (`configs/bld.py:c64`, built here
 so that this module needs only jax/flax: no tfds/grain/ml_collections/dm-pix). Images/s = batch /
 the median time of `trials` batches after one warm-up (compile) batch.
 
-Precision "bfloat16" is autocast-style: parameters stay float32, every Linear/Conv/Norm/Embed
-computes in bfloat16 (its `dtype`), elementwise ops promote as they meet float32 values.
+Precision "bfloat16" is autocast-style: every Linear/Conv/Norm/Embed computes in bfloat16 (its
+`dtype`), with the Linear/Conv weights cast to bfloat16 once (PyTorch autocast's cast cache), norm
+parameters and the residual stream float32: elementwise ops promote as they meet float32 values.
 
 The official numbers (PyTorch, ZeWang95/BinaryLatentDiffusion, C64 at 256^2, batch 16, on the same
 H100 kind, including the decode) are quoted from the project issue: they cannot be re-run here, as
@@ -59,11 +60,21 @@ CONFIGS = {
 _COMPUTE_MODULES = (nnx.Linear, nnx.Conv, nnx.LayerNorm, nnx.GroupNorm, nnx.Embed)
 
 
-def autocast(model: nnx.Module, dtype) -> nnx.Module:
-  """Sets the computation dtype of every Linear/Conv/Norm/Embed in `model` (parameters unchanged)."""
+def autocast(model: nnx.Module, dtype, *, cast_weights: bool = True) -> nnx.Module:
+  """Every Linear/Conv/Norm/Embed of `model` computes in `dtype` (its `dtype` attribute).
+
+  cast_weights: also store the Linear/Conv kernels and biases in `dtype` once, as PyTorch
+  autocast's weight-cast cache does; those layers cast them to `dtype` before every use anyway, so
+  the results are the same, minus a float32 -> `dtype` conversion of every weight per denoiser
+  step. Norm and Embed parameters stay float32.
+  """
   for _, module in nnx.iter_graph(model):
     if isinstance(module, _COMPUTE_MODULES):
       module.dtype = dtype
+    if cast_weights and isinstance(module, (nnx.Linear, nnx.Conv)):
+      for param in (module.kernel, module.bias):
+        if param is not None:
+          param.set_value(param[...].astype(dtype))
   return model
 
 
