@@ -178,6 +178,7 @@ class Infinity(nnx.Module):
     if self.config.num_classes:
       text = self.class_emb[...][labels][:, None, :]
       text_lengths = jnp.ones(labels.shape, jnp.int32)
+    text = text.astype(self.cfg_uncond[...].dtype)  # bfloat16 weights compute in bfloat16
     text_lengths = jnp.asarray(text_lengths)
     if drop is not None:
       null = self.cfg_uncond[...][:text.shape[1]]
@@ -193,7 +194,7 @@ class Infinity(nnx.Module):
   def embed(self, condition: Condition, x_wo_prefix: jax.Array, schedule: Schedule) -> jax.Array:
     """[SOS; word_embed(x)] + level embedding -> [B, L, C]."""
     sos = (condition.cond + self.pos_start[...])[:, None, :]
-    x = jnp.concatenate([sos, self.word_embed(x_wo_prefix)], axis=1)
+    x = jnp.concatenate([sos, self.word_embed(x_wo_prefix.astype(sos.dtype))], axis=1)
     return x + self.lvl_embed(jnp.asarray(schedule.scale_of_token(), jnp.int32))[None]
 
   def logits(self, h: jax.Array, condition: Condition) -> jax.Array:

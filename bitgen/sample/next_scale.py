@@ -100,12 +100,15 @@ def prepare(model: Infinity, dtype=None) -> SamplingModel:
   blocks = list(head.blocks)
   head.blocks = nnx.List([])
   block_def = nnx.split(blocks[0])[0]
-  stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *[nnx.split(b)[1] for b in blocks])
   head_def, head_state = nnx.split(head)
-  if dtype is not None:
-    cast = lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a
-    head_state, stacked = jax.tree.map(cast, head_state), jax.tree.map(cast, stacked)
-  return SamplingModel(head_def=head_def, head=head_state, block_def=block_def, blocks=stacked)
+
+  def cast(a):
+    return a.astype(dtype) if dtype is not None and jnp.issubdtype(a.dtype, jnp.floating) else a
+
+  stacked = jax.tree.map(lambda *xs: jnp.stack([cast(x) for x in xs]),
+                         *[nnx.split(b)[1] for b in blocks])
+  return SamplingModel(head_def=head_def, head=jax.tree.map(cast, head_state), block_def=block_def,
+                       blocks=stacked)
 
 
 def default_attention(dtype) -> str | None:
@@ -167,8 +170,6 @@ def _generate(weights: SamplingModel, key: jax.Array, text, text_lengths, labels
               implementation: str | None) -> Generation:
   head = nnx.merge(weights.head_def, weights.head)
   dtype = weights.dtype
-  if text is not None:
-    text = text.astype(dtype)
   condition = head.condition(text=text, text_lengths=text_lengths, labels=labels)
   batch = condition.cond.shape[0]
   if guidance:

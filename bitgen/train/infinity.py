@@ -14,7 +14,6 @@ Use with the generic trainer: `trainer.run(config, workdir, task=InfinityTask(..
 trained VAE (`bitgen.convert.infinity.load_vae` or a stage-1 tokenizer checkpoint).
 """
 
-import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
@@ -25,21 +24,8 @@ from flax import nnx
 from bitgen.models import infinity_loss
 from bitgen.models import infinity_schedules
 from bitgen.models.infinity import Infinity, InfinityConfig, check_vae_compatible
+from bitgen.models.infinity_loss import InfinityLossConfig
 from bitgen.quantizers import bitwise_self_correction as bsc
-from bitgen.quantizers import multiscale
-
-
-@dataclasses.dataclass(frozen=True)
-class InfinityLossConfig:
-  """Official defaults of train.sh / arg_util.py."""
-
-  cond_drop_rate: float = 0.1
-  noise_strength: float = 0.3  # --noise_apply_strength: flip probability drawn from [0, 0.3]
-  noise_layers: int = 13  # --noise_apply_layers: the first 13 scales are corrupted
-  requantize: bool = True  # --noise_apply_requant
-  num_train_scales: int = 100  # --always_training_scales
-  reweight_by_scale: bool = True  # --reweight_loss_by_scale
-  label_smoothing: float = 0.0  # --ls
 
 
 class InfinityTask:
@@ -69,54 +55,17 @@ class InfinityTask:
 
   def schedules(self, image_shape: tuple[int, ...]) -> tuple[infinity_schedules.Schedule, tuple]:
     """(transformer schedule, VAE grids) for images of this shape."""
-    stride = self.vae.config.patch_size * (2 if self.model_config.spatial_patchify else 1)
-    schedule = infinity_schedules.schedule_for_latent(image_shape[1] // stride,
-                                                      image_shape[2] // stride)
-    factor = 2 if self.model_config.spatial_patchify else 1
-    return schedule, tuple((h * factor, w * factor) for h, w in schedule.grids)
+    return infinity_loss.training_schedules(self.vae, self.model_config, image_shape)
 
   def targets(self, images: jax.Array, rng: jax.Array
               ) -> tuple[infinity_schedules.Schedule, jax.Array, jax.Array]:
     """(training schedule, inputs (B, L - 1, d), labels (B, L, d)) with self-correction noise."""
-    c = self.loss_config
-    schedule, vae_grids = self.schedules(images.shape)
-    vae = self.vae
-    features = jax.lax.stop_gradient(vae.encode_features(images))
-    noise = None
-    if c.noise_strength > 0 and c.noise_layers > 0:
-      noise = bsc.draw_flip_noise(rng, vae_grids, images.shape[0], vae.num_bits,
-                                  max_strength=c.noise_strength, num_noisy_scales=c.noise_layers)
-    inputs, labels = bsc.flip_requant(features, vae_grids, noise, requantize=c.requantize)
-    if self.model_config.spatial_patchify:
-      inputs = multiscale.concat_scales(
-          [multiscale.patchify(x) for x in multiscale.split_scales(inputs, vae_grids[1:])])
-      labels = multiscale.concat_scales(
-          [multiscale.patchify(x) for x in multiscale.split_scales(labels, vae_grids)])
-    num_scales = min(c.num_train_scales, schedule.num_scales)
-    train_schedule = schedule.prefix(num_scales)
-    return train_schedule, inputs[:, :train_schedule.num_tokens - 1], labels[:, :train_schedule.num_tokens]
+    return infinity_loss.training_targets(self.vae, self.model_config, self.loss_config, images, rng)
 
   def loss(self, model, batch, *, step, rng):
     del step
-    c = self.loss_config
-    noise_rng, drop_rng = jax.random.split(rng)
-    images = batch["image"]
-    schedule, inputs, labels = self.targets(images, noise_rng)
-    full_schedule, _ = self.schedules(images.shape)
-    drop = jax.random.uniform(drop_rng, (images.shape[0],)) < c.cond_drop_rate
-    logits = model(inputs, schedule, labels=batch["label"], drop=drop)
-    weights = infinity_loss.scale_loss_weights(full_schedule, num_train_scales=schedule.num_scales,
-                                               reweight_by_scale=c.reweight_by_scale)
-    loss = infinity_loss.bitwise_loss(logits, labels, jnp.asarray(weights),
-                                      label_smoothing=c.label_smoothing)
-    accuracy = infinity_loss.bit_accuracy(logits, labels)
-    last = schedule.offsets[-1]
-    metrics = {
-        "bits_per_bit": infinity_loss.bits_per_bit(logits, labels),
-        "bit_accuracy": jnp.mean(accuracy),
-        "bit_accuracy_last_scale": jnp.mean(accuracy[:, last:]),
-    }
-    return loss, metrics
+    return infinity_loss.training_loss(model, self.vae, self.loss_config, batch["image"], rng,
+                                       labels=batch["label"])
 
   def visualize(self, model, batch):
     """Samples for the batch's labels (CFG 3, tau 1) next to the inputs."""

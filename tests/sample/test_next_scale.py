@@ -109,3 +109,36 @@ def test_bad_sampling_inputs_raise(model, io):
     next_scale.generate(model, SCHEDULE, jax.random.key(0), text=text, text_lengths=lengths, cfg=[3.0, 2.0])
   with pytest.raises(ValueError, match="top_p"):
     next_scale.generate(model, SCHEDULE, jax.random.key(0), text=text, text_lengths=lengths, top_p=1.5)
+
+
+def test_prepared_bfloat16_sampling_follows_float32():
+  """prepare(model, bfloat16) computes in bfloat16 (params and KV cache) and, greedy, picks
+  nearly the same bits as float32 on a random model; prepare(model) is the float32 path."""
+  config = InfinityConfig(embed_dim=64, depth=2, num_heads=2, num_bits=8, text_channels=128,
+                          text_maxlen=1, num_classes=3)
+  model = Infinity(config, rngs=nnx.Rngs(0))
+  schedule = schedules.schedule_for(1.0, "0.06M").prefix(3)
+  labels = jnp.array([0, 2])
+  prepared = next_scale.prepare(model, jnp.bfloat16)
+  assert prepared.dtype == jnp.bfloat16
+  assert {a.dtype for a in jax.tree.leaves(prepared.blocks)} == {jnp.dtype(jnp.bfloat16)}
+  assert jax.tree.leaves(prepared.blocks)[0].shape[0] == config.depth  # stacked over the blocks
+  kwargs = dict(labels=labels, cfg=3.0, top_k=1, return_logits=True)
+  f32 = next_scale.generate(model, schedule, jax.random.key(0), **kwargs)
+  f32_prepared = next_scale.generate(next_scale.prepare(model), schedule, jax.random.key(0), **kwargs)
+  bf16 = next_scale.generate(prepared, schedule, jax.random.key(0), **kwargs)
+  np.testing.assert_array_equal(np.asarray(f32.latent), np.asarray(f32_prepared.latent))
+  np.testing.assert_allclose(bf16.logits[0], f32.logits[0], atol=0.1, rtol=0.05)
+  same = np.mean([np.mean(np.asarray(a) == np.asarray(b)) for a, b in zip(f32.bits, bf16.bits)])
+  assert same > 0.9
+
+
+def test_bad_sampler_options_raise():
+  labels_model = Infinity(InfinityConfig(embed_dim=64, depth=1, num_heads=2, num_bits=4,
+                                         text_channels=128, text_maxlen=1, num_classes=3),
+                          rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match="attention_impl must be"):
+    next_scale.generate(labels_model, SCHEDULE, jax.random.key(0), labels=jnp.array([0]),
+                        attention_impl="flash")
+  with pytest.raises(TypeError, match="model must be an Infinity"):
+    next_scale.generate(object(), SCHEDULE, jax.random.key(0), labels=jnp.array([0]))
