@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from bitgen import cli
-from bitgen.convert.checkpoint_io import CheckpointError
+from bitgen.train.checkpoint import CheckpointError
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent / "train"))
 import fixtures  # pylint: disable=wrong-import-position
