@@ -195,7 +195,7 @@ class Infinity(nnx.Module):
     """[SOS; word_embed(x)] + level embedding -> [B, L, C]."""
     sos = (condition.cond + self.pos_start[...])[:, None, :]
     x = jnp.concatenate([sos, self.word_embed(x_wo_prefix.astype(sos.dtype))], axis=1)
-    return x + self.lvl_embed(jnp.asarray(schedule.scale_of_token(), jnp.int32))[None]
+    return x + self.lvl_embed(jnp.asarray(schedule.scale_of_token(), jnp.int32))[None].astype(x.dtype)
 
   def logits(self, h: jax.Array, condition: Condition) -> jax.Array:
     """[B, T, C] hidden -> [B, T, 2d] bit logits."""
