@@ -67,7 +67,8 @@ def official_train_config() -> ml_collections.ConfigDict:
   Official: AdamW(0.9, 0.99, eps 1e-8, wd 1e-4); lr = 4e-7 * global batch (`base_lr * world_size *
   batch_size` in main_image_tokenizer.py, 32 images per GPU; 8 GPUs assumed here); multiplier 0.1 ->
   1.0 over 5k warm-up steps then a cosine to 0.5 at 1M steps; EMA 0.999 (`--use-ema`); loss
-  L1 + 0.1 LPIPS + 0.1 StyleGAN + 0.1 * (3.0 -> 1.0 over 2k steps) * quantizer loss.
+  L1 + 0.1 LPIPS + 0.1 StyleGAN + 0.1 * (3.0 -> 1.0 over 2k steps) * quantizer loss; the StyleGAN
+  discriminator trains with the same optimizer settings.
   """
   batch_size = 32 * 8
   return ml_collections.ConfigDict(dict(
@@ -88,10 +89,14 @@ def official_train_config() -> ml_collections.ConfigDict:
           codebook_weight=0.1,
           codebook_rampup_multiplier=3.0,
           codebook_rampup_steps=2_000,
-          # Official 0.1 (VGG LPIPS) and 0.1 (StyleGAN): LPIPS needs a user-supplied weight file
-          # (`lpips_weights`), the GAN term is not ported; both off here.
+          # Official 0.1 (VGG LPIPS): needs a user-supplied weight file (`lpips_weights`); off here.
           perceptual_weight=0.0,
-          gan_weight=0.0,
+          # Official StyleGAN term (disc_weight 0.1, disc_start 0, vanilla loss, fixed weight):
+          # the discriminator trains from scratch. Its R1 (disc_reg_r1 10 every 16 steps) changes
+          # no gradient officially (see bitgen.train.gan), so it stays off.
+          gan_weight=0.1,
+          gan_start=0,
+          gan_loss="vanilla",
       ),
   ))
 
