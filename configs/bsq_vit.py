@@ -104,18 +104,24 @@ def official_train_config() -> ml_collections.ConfigDict:
 def main_job_config() -> ml_collections.ConfigDict:
   """The README's quick-start job: the tiny model on 64 px crops of the embedded photos.
 
-  Sized for a 2-core CPU in under 10 minutes. Official loss (L1 + ramped quantizer loss); a higher
-  learning rate and a short warm-up than the B/8 recipe, since the run is short and small.
+  Sized for a 2-core CPU in under 10 minutes. The photos are resized to a short side of 128 px
+  before cropping (evaluation), and to a random one of 128..256 px per training crop (scale
+  augmentation): the usual resize-then-crop protocol, where a 64 px crop holds a good part of a
+  scene. Official loss (L1 + ramped quantizer loss) with the quantizer term at 0.03 instead of 0.1
+  (in 2000 steps the entropy terms cost reconstruction: 0.1 gave ~0.8 dB less held-out PSNR in a
+  sweep); a higher learning rate and a short warm-up than the B/8 recipe, since the run is short.
   """
   # Imported here: models load this file on machines without tfds. `with_defaults` lists every
   # key, so any of them can be overridden (`--set log.progress=False`).
   from bitgen import data  # pylint: disable=g-import-not-at-top
   from bitgen.train.config import with_defaults  # pylint: disable=g-import-not-at-top
+  data_config = data.get_config("embedded_photos", image_size=64)
+  data_config.update(short_side=128, train_short_sides=(128, 160, 192, 256))
   return with_defaults(ml_collections.ConfigDict(dict(
       model=model_config("tiny"),
-      data=data.get_config("embedded_photos", image_size=64),
+      data=data_config,
       train=dict(batch_size=32, steps=2000, seed=0, lr=1e-3, warmup_steps=100, lr_end_factor=0.05,
-                 ema_decay=None, loss=dict(codebook_rampup_steps=200)),
+                 ema_decay=None, loss=dict(codebook_weight=0.03, codebook_rampup_steps=200)),
       checkpoint=dict(every=500, keep=2),
       log=dict(every=50, grid_every=500, grid_images=8),
       mesh=dict(shape=(1, -1, 1)),

@@ -47,6 +47,8 @@ class DataConfig:
   data_dir: str | None = None  # None: $TFDS_DATA_DIR, else ~/tensorflow_datasets
   short_side: int | None = None  # resize images to this short side before cropping; None: embedded
   #   photos keep their resolution (upsampled only where smaller than a crop), others use image_size
+  train_short_sides: tuple[int, ...] | None = None  # scale augmentation: each training crop comes
+  #   from its image resized to one of these short sides, drawn per example; None: short_side
   crops_per_image: int | None = None  # training slots per image per epoch; None: 256 embedded, else 1
   eval_grid: int | None = None  # eval crops per image = eval_grid ** 2 on a corner-to-corner grid
   #   (1 = centre crop); None: 4 for the embedded photos, else 1
@@ -66,6 +68,13 @@ class DataConfig:
         raise ValueError(f"data.{key} must be a positive int, got {value!r}")
     if self.short_side is not None and self.short_side < self.image_size:
       raise ValueError(f"data.short_side={self.short_side} is smaller than data.image_size={self.image_size}")
+    if self.train_short_sides is not None:
+      sides = self.train_short_sides
+      if (isinstance(sides, (str, bytes)) or not hasattr(sides, "__iter__") or not len(sides)
+          or not all(isinstance(side, int) and side >= self.image_size for side in sides)):
+        raise ValueError(f"data.train_short_sides must be a non-empty list of ints >= data.image_size="
+                         f"{self.image_size}, got {sides!r}")
+      object.__setattr__(self, "train_short_sides", tuple(sides))
 
   @property
   def is_embedded(self) -> bool:
@@ -85,12 +94,12 @@ def parse_config(config: Any) -> DataConfig:
   return configlib.from_dict(DataConfig, config, where="data config")
 
 
-def _open(config: DataConfig, split: str) -> sources.ImageSplit:
+def _open(config: DataConfig, split: str, short_side: int | None = None) -> sources.ImageSplit:
   if split not in SPLITS:
     raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
   tfds_split = config.train_split if split == "train" else (
       config.eval_split or sources.default_eval_split(config.name, config.data_dir))
-  short_side = config.short_side or (None if config.is_embedded else config.image_size)
+  short_side = short_side or config.short_side or (None if config.is_embedded else config.image_size)
   return sources.open_split(config.name, tfds_split, data_dir=config.data_dir,
                             crop_size=config.image_size, short_side=short_side)
 
@@ -108,11 +117,15 @@ def _epoch_permutation(seed: int, epoch: int, size: int) -> np.ndarray:
   return np.random.default_rng((seed, 0, epoch)).permutation(size)
 
 
-def _train_example(index: int, *, images: sources.ImageSplit, slots: int, seed: int,
+def _train_example(index: int, *, scales: tuple[sources.ImageSplit, ...], slots: int, seed: int,
                    size: int) -> dict[str, np.ndarray]:
-  """Element `index` of the endless training stream: a function of (seed, index) only."""
+  """Element `index` of the endless training stream: a function of (seed, index) only.
+
+  `scales`: the training split at each of `train_short_sides` (one entry without augmentation).
+  """
   epoch, position = divmod(index, slots)
   slot = int(_epoch_permutation(seed, epoch, slots)[position])
+  images = scales[int(np.random.default_rng((seed, 2, index)).integers(len(scales)))]
   image, label, _ = images[slot % len(images)]
   patch = transforms.random_crop_flip(image, size, np.random.default_rng((seed, 1, index)))
   return {"image": transforms.to_model_range(patch), "label": np.int32(label)}
@@ -157,12 +170,13 @@ def make_pipeline(config: Any, *, split: str, batch_size: int, seed: int,
   if not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**63:
     raise ValueError(f"seed must be a non-negative int, got {seed!r}")
   process_index, process_count, local_batch = _process_layout(batch_size, process_index, process_count)
-  images = _open(config, split)
   if split == "train":
-    slots = len(images) * _crops_per_image(config)
+    scales = tuple(_open(config, split, side) for side in config.train_short_sides or (None,))
+    slots = len(scales[0]) * _crops_per_image(config)
     stream = grain.MapDataset.range(sys.maxsize).map(functools.partial(
-        _train_example, images=images, slots=slots, seed=int(seed), size=config.image_size))
+        _train_example, scales=scales, slots=slots, seed=int(seed), size=config.image_size))
   else:
+    images = _open(config, split)
     count = len(images) * _eval_grid(config) ** 2
     stream = grain.MapDataset.range(math.ceil(count / batch_size) * batch_size).map(functools.partial(
         _eval_example, count=count, images=images, grid=_eval_grid(config), size=config.image_size))

@@ -89,7 +89,7 @@ def _open_tfds(name: str, data_dir: str) -> tfds.core.DatasetBuilder:
   return builder
 
 
-@functools.lru_cache(maxsize=8)  # a trainer opens the same split for its pipeline, grids and classes
+@functools.lru_cache(maxsize=16)  # a trainer opens the same split for its pipeline, grids and classes
 def open_split(name: str, split: str, *, data_dir: str | os.PathLike | None, crop_size: int,
                short_side: int | None) -> ImageSplit:
   """Opens `split` of dataset `name` (building the embedded photos on first use)."""

@@ -130,6 +130,29 @@ def test_short_side_resizes_before_cropping(data_dir):
   assert not np.array_equal(crops[0], crops[1])
 
 
+def _windows_at_short_side(side):
+  """Every SIZE-wide full-height window (and its mirror) of the training photos resized to `side` ==
+  SIZE: the only crops a scale of SIZE can give (the training photos are landscape or square)."""
+  windows = set()
+  for name in embedded_photos.TRAIN_PHOTOS:
+    photo = transforms.to_model_range(transforms.resize_short_side(embedded_photos.load_photo(name), side))
+    assert photo.shape[0] == side
+    for left in range(photo.shape[1] - SIZE + 1):
+      window = photo[:, left:left + SIZE]
+      windows |= {window.tobytes(), window[:, ::-1].tobytes()}
+  return windows
+
+
+def test_train_short_sides_draw_a_scale_per_example(data_dir):
+  small = _windows_at_short_side(SIZE)
+  only_small = np.concatenate([b["image"] for b in _batches(_config(data_dir, train_short_sides=[SIZE]), 2)])
+  assert all(crop.tobytes() in small for crop in only_small)
+  mixed = np.concatenate([b["image"] for b in _batches(
+      _config(data_dir, train_short_sides=[SIZE, 8 * SIZE]), 4)])
+  from_small = sum(crop.tobytes() in small for crop in mixed)
+  assert 0 < from_small < len(mixed)
+
+
 # --- determinism, sharding, state ----------------------------------------------------------------
 
 def test_same_seed_same_batches_whatever_the_threads(data_dir):
@@ -208,6 +231,8 @@ def test_unknown_config_key_is_named(data_dir):
     ({"image_size": 0}, "data.image_size must be a positive int"),
     ({"short_side": SIZE // 2}, "data.short_side=8 is smaller than data.image_size=16"),
     ({"eval_split": "validation"}, "has no split 'validation'"),
+    ({"train_short_sides": [SIZE, SIZE // 2]}, r"data.train_short_sides must be a non-empty list of ints >= "),
+    ({"train_short_sides": []}, r"data.train_short_sides must be a non-empty list"),
 ])
 def test_bad_config_values(data_dir, overrides, message):
   with pytest.raises(ValueError, match=message):
