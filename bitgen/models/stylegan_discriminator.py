@@ -87,8 +87,8 @@ class EqualizedConv(nnx.Module):
                down: int = 1):
     self.kernel_size, self.down = kernel, down
     self.gain = 1.0 / math.sqrt(c_in * kernel * kernel)
-    self.kernel = nnx.Param(with_axes(nnx.initializers.normal(1.0), (None, None, "conv_in", "conv_out"))(
-        rngs.params(), (kernel, kernel, c_in, c_out)))
+    init = with_axes(nnx.initializers.normal(1.0), (None, None, "conv_in", "conv_out"))
+    self.kernel = nnx.Param(init(rngs.params(), (kernel, kernel, c_in, c_out)))
     self.bias = (nnx.Param(with_axes(nnx.initializers.zeros_init(), ("conv_out",))(
         rngs.params(), (c_out,))) if bias else None)
 

@@ -8,10 +8,16 @@ Official `transcoder/losses/vqperceptual.py` (`VQLPIPSWithDiscriminator`), with 
   discriminator:  d_loss = disc_factor * d_loss(D(x), D(stop_gradient(x_rec)))
   disc_factor = 1 from `disc_start` on, else 0
   d_weight = disc_weight, or (adaptive) disc_weight * clip(|grad nll| / (|grad g_loss| + 1e-4), 0, 1e4)
-             with both gradients taken at the generator's last layer and not differentiated.
+             with both gradients at the generator's last layer, not differentiated
 
-"vanilla" is the non-saturating loss: g = mean(softplus(-fake)), d = (mean(softplus(-real)) +
-mean(softplus(fake))) / 2; "hinge": g = -mean(fake), d = (mean(relu(1 - real)) + mean(relu(1 + fake))) / 2.
+The official loop (`scripts/main_image_tokenizer.py`) computes x_rec once, steps the generator
+(AdamW), then the discriminator (a second AdamW of the same settings, stepped at the same lr) on the
+detached x_rec. Before `disc_start` its loss is 0, so the official AdamW only applies weight decay
+and counts the step; here the weights are held (`auxiliary_active`) while the count still advances.
+
+"vanilla" is the non-saturating loss: g = mean(softplus(-fake)),
+d = (mean(softplus(-real)) + mean(softplus(fake))) / 2; "hinge": g = -mean(fake),
+d = (mean(relu(1 - real)) + mean(relu(1 + fake))) / 2.
 
 R1 penalty (`d_r1_loss`, every `disc_reg_freq`=16 steps, weight `disc_reg_r1`/2 * freq = 10/2 * 16):
 the official code takes the input gradient without `create_graph=True`, so the penalty is a constant
@@ -45,7 +51,8 @@ def discriminator_loss(logits_real: jax.Array, logits_fake: jax.Array,
   """The discriminator's loss: real images should score high, reconstructions low."""
   _check(kind)
   if kind == "hinge":
-    return 0.5 * (jnp.mean(jax.nn.relu(1.0 - logits_real)) + jnp.mean(jax.nn.relu(1.0 + logits_fake)))
+    return 0.5 * (jnp.mean(jax.nn.relu(1.0 - logits_real))
+                  + jnp.mean(jax.nn.relu(1.0 + logits_fake)))
   return 0.5 * (jnp.mean(jax.nn.softplus(-logits_real)) + jnp.mean(jax.nn.softplus(logits_fake)))
 
 

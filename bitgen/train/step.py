@@ -35,10 +35,14 @@ def _specs(shardings):
 
 def train_step(graphdef: nnx.GraphDef, state: TrainState, batch, *, task: Task,
                tx: optax.GradientTransformation, schedule: optax.Schedule | None,
-               ema_decay: float | None, param_shardings=None, aux_graphdef: nnx.GraphDef | None = None,
-               aux_tx: optax.GradientTransformation | None = None, aux_param_shardings=None,
+               ema_decay: float | None, param_shardings=None,
+               aux_graphdef: nnx.GraphDef | None = None, aux_tx: optax.GradientTransformation | None = None, aux_param_shardings=None,
                batch_spec: P = P()) -> tuple[TrainState, dict[str, jax.Array]]:
-  """One optimizer step; `param_shardings` (on an Explicit mesh) places the gradients."""
+  """One optimizer step; `param_shardings` (on an Explicit mesh) places the gradients.
+
+  `aux_graphdef`, `aux_tx` (and on an Explicit mesh `aux_param_shardings`, with `batch_spec` the
+  batch's PartitionSpec) add the auxiliary module's update.
+  """
   rng = jax.random.fold_in(state.rng, state.step)
   if aux_graphdef is not None:
     rng, aux_rng = jax.random.split(rng)
@@ -55,16 +59,15 @@ def train_step(graphdef: nnx.GraphDef, state: TrainState, batch, *, task: Task,
     return loss, (metrics, nnx.to_pure_dict(nnx.state(model, nnx.Not(nnx.Param))), outputs)
 
   if aux_graphdef is None:
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-    out_specs = ((P(), (P(), P())), None)
+    grad_fn, aux_specs = jax.value_and_grad(loss_fn, has_aux=True), (P(), P())
     args = (state.params, state.extra, batch, state.step, rng)
-  else:
+  else:  # the outputs for the auxiliary's loss stay sharded like the batch
     grad_fn = jax.value_and_grad(loss_with_auxiliary_fn, has_aux=True)
-    out_specs = ((P(), (P(), P(), batch_spec)), None)
+    aux_specs = (P(), P(), batch_spec)
     args = (state.params, state.extra, state.aux_params, state.aux_extra, batch, state.step, rng)
   if param_shardings is not None:
-    out_specs = (out_specs[0], _specs(param_shardings))
-    grad_fn = jax.sharding.auto_axes(grad_fn, out_sharding=out_specs)
+    grad_fn = jax.sharding.auto_axes(
+        grad_fn, out_sharding=((P(), aux_specs), _specs(param_shardings)))
   (loss, (metrics, extra, *outputs)), grads = grad_fn(*args)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)

@@ -2,8 +2,8 @@
 
 `run` builds the mesh, the task's model on its shardings, the optimizer and the data pipeline,
 resumes from the latest checkpoint in `<workdir>/checkpoints` if there is one, trains to
-`config.train.steps` (and a task's auxiliary module beside it, such as a GAN discriminator, with its
-own optimizer state built from the same optimizer settings), and writes metrics (`metrics.jsonl`, `tensorboard/`), reconstruction grids
+`config.train.steps` (with a task's auxiliary module, such as a GAN discriminator, trained beside the
+model by an optimizer of the same settings), and writes metrics (`metrics.jsonl`, `tensorboard/`), reconstruction grids
 (`grids/step_XXXXXXX.png`) and checkpoints. The config layout is documented in
 `bitgen.train.config`. Importing this module has no side effects.
 """
