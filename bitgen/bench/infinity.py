@@ -59,14 +59,14 @@ PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12}  # dense, SXM
 TEXT_TOKENS = 64
 SAMPLING = dict(cfg=3.0, tau=0.5, top_k=900, top_p=0.97)
 
-# name -> (model variant, pn, batch, "sample" | "train")
+# name -> (model variant, pn, batch, "sample" | "train"); cheap rows first, 2B rows by memory.
 ROWS = {
+    "layer12 256 b8": ("layer12", "0.06M", 8, "sample"),
+    "layer12 train 256 b8": ("layer12", "0.06M", 8, "train"),
     "2b 256 b1": ("2b", "0.06M", 1, "sample"),
     "2b 256 b8": ("2b", "0.06M", 8, "sample"),
     "2b 1024 b1": ("2b", "1M", 1, "sample"),
     "2b 1024 b8": ("2b", "1M", 8, "sample"),
-    "layer12 256 b8": ("layer12", "0.06M", 8, "sample"),
-    "layer12 train 256 b8": ("layer12", "0.06M", 8, "train"),
 }
 # --tiny: the same rows on the tiny model and VAE at 3 scales (64^2), for a CPU smoke run.
 TINY_SCALES = 3
@@ -91,6 +91,13 @@ def _text(config: InfinityConfig, batch: int, key: jax.Array):
   tokens = min(TEXT_TOKENS, config.text_maxlen)
   text = jax.random.normal(key, (batch, tokens, config.text_channels), jnp.bfloat16)
   return text, jnp.full((batch,), tokens, jnp.int32)
+
+
+_START = time.perf_counter()
+
+
+def _progress(message: str) -> None:
+  print(f"#   [{time.perf_counter() - _START:6.1f} s] {message}", flush=True)
 
 
 def _median_time(fn, trials: int) -> tuple[float, float]:
@@ -125,6 +132,7 @@ class Models:
     if variant != self.variant:
       self.release()
       config, vae_config = _model_configs(variant, self.tiny)
+      _progress(f"building {variant}")
       model = nnx.jit(lambda: Infinity(config, rngs=nnx.Rngs(0)))()
       self.weights = next_scale.prepare(model, jnp.bfloat16)
       del model
@@ -133,6 +141,8 @@ class Models:
       self.vae = nnx.merge(graphdef, _cast(state, jnp.bfloat16))
       self.variant, self.config = variant, config
       gc.collect()
+      jax.block_until_ready(self.weights.blocks)
+      _progress(f"built {variant}")
     return self.config, self.weights, self.vae
 
 
@@ -146,8 +156,9 @@ def bench_sampling(models: Models, variant: str, pn: str, batch: int, trials: in
     return next_scale.generate(weights, schedule, jax.random.key(i), text=text, text_lengths=lengths,
                                **SAMPLING).latent
 
-  latent = transformer(0)
   t_transformer, first_transformer = _median_time(transformer, trials)
+  _progress(f"transformer {t_transformer:.3f} s (first call {first_transformer:.1f} s)")
+  latent = transformer(0)
   t_decode, first_decode = _median_time(lambda i: decode(vae, latent), trials)
   total = t_transformer + t_decode
   return {"batch_s": total, "s_per_image": total / batch, "images_per_s": batch / total,
@@ -184,7 +195,9 @@ def bench_training(models: Models, variant: str, pn: str, batch: int, trials: in
 
   inputs = (vae_state, images, text, lengths)
   step = jax.jit(step, donate_argnums=(0, 1))
+  _progress("compiling the training step")
   compiled = step.lower(params, opt_state, *inputs, jax.random.key(0)).compile()
+  _progress("compiled")
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   flops = float((cost or {}).get("flops", 0.0))
