@@ -1,7 +1,8 @@
 """Attention math shared by every transformer in bitgen, behind one `kind` switch.
 
-`kind="dense"` is softmax(q k^T / sqrt(d) + bias) v through `jax.nn.dot_product_attention`
-(cuDNN flash attention on GPU where it applies, XLA elsewhere). `kind="binary"` is BinaryAttention
+`kind="dense"` is softmax(q k^T / sqrt(d) + bias) v through `jax.nn.dot_product_attention`:
+cuDNN flash attention on GPU for 16-bit inputs without bias or mask and head dims cuDNN takes
+(`jax.nn.dot_product_attention` picks XLA unless asked), XLA elsewhere. `kind="binary"` is BinaryAttention
 (1-bit Q/K with mean-|x| scales, clipped STE) through `bitgen.kernels.binary_attention`: the Pallas
 kernel of the backend where it applies, its reference elsewhere; `mask` keeps its meaning (a
 boolean mask broadcastable to [B, N, T, S]) and may also be "causal" or integer segment ids there.
@@ -10,10 +11,21 @@ boolean mask broadcastable to [B, N, T, S]) and may also be "causal" or integer 
 from typing import Literal
 
 import jax
+import jax.numpy as jnp
 
 from bitgen.kernels.binary_attention import binary_attention
 
 AttentionKind = Literal["dense", "binary"]
+
+
+def dense_implementation(q: jax.Array, bias: jax.Array | None, mask: jax.Array | None) -> str | None:
+  """"cudnn" where cuDNN flash attention applies (GPU, 16-bit, head dim <= 128 and a multiple of 8,
+  no bias or mask), else None (XLA)."""
+  head_dim = q.shape[-1]
+  if (jax.default_backend() == "gpu" and jnp.dtype(q.dtype).itemsize == 2 and bias is None
+      and mask is None and head_dim <= 128 and head_dim % 8 == 0):
+    return "cudnn"
+  return None
 
 
 def attention(
@@ -27,7 +39,8 @@ def attention(
 ) -> jax.Array:
   """q: [B, T, N, H], k/v: [B, S, N, H], bias: broadcastable to [B, N, T, S] -> [B, T, N, H]."""
   if kind == "dense":
-    return jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask)
+    return jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask,
+                                        implementation=dense_implementation(q, bias, mask))
   if kind == "binary":
     return binary_attention(q, k, v, bias=bias, mask=mask)
   raise ValueError(f"unknown attention kind {kind!r}; expected one of {AttentionKind.__args__}")
