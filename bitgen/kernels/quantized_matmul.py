@@ -7,9 +7,9 @@
   tells which. `w_scale`: float `(N,)` per output channel or `()` per tensor.
 - With `scales=None` the result is the exact int32 accumulator (no scaling).
 
-Implementations: "reference" (pure JAX, exact integer dot), "gpu" (Pallas, Triton backend),
-"tpu" (Pallas, Mosaic TPU, int8 on the MXU), and "auto": the kernel of the default backend where it
-supports the shapes, else the reference (the reason is logged). Every path gives the same integers;
+Implementations: "reference" (pure JAX, exact integer dot), "gpu" (Pallas, Mosaic GPU: Hopper
+wgmma), "tpu" (Pallas, Mosaic TPU, int8 on the MXU), and "auto": the kernel of the default backend
+where it supports the shapes, else the reference (the reason is logged). Every path gives the same integers;
 scaled outputs differ only by the float rounding of the epilogue.
 
 Ternary kernels unpack the 2-bit codes in registers (shift, mask, minus 1, convert to int8) and feed

@@ -3,11 +3,14 @@
 - GEMV (M <= 16, decode): Pallas Mosaic GPU, `quantized_matmul_gpu_gemv` (weights read once through
   a TMA pipeline, ternary words unpacked in registers into the wgmma operand); its int32 partial sums
   of the K slices are summed, transposed and scaled here by one small XLA fusion (exact).
-- GEMM (M > 16, prefill / training shapes, and decode shapes the GEMV cannot take): an output-tiled
-  int8 x int8 -> int32 MMA over K in Pallas' Triton backend (deprecated by jax; a Mosaic GPU wgmma
-  version is still to be written), both operands K-major, programs ordered in column groups for L2
-  reuse, scales applied in the epilogue. Ternary weights are unpacked to int8 first: this path is
-  bound by arithmetic, not by weight bytes.
+- GEMM (M > 16, prefill / training shapes, and decode shapes the GEMV cannot take): Pallas Mosaic
+  GPU, `quantized_matmul_gpu_gemm` (int8 wgmma). Ternary weights are unpacked to int8 first: this
+  path is bound by arithmetic, not by weight bytes.
+Both pad odd M and N to whole tiles; K must be a multiple of 128 (else `auto` uses the reference).
+
+`auto` and `gpu` route only to these two. The Triton GEMM below (Pallas' deprecated Triton backend,
+output-tiled int8 MMA) runs only when its `GemmConfig` is passed explicitly (the benchmark's sweep);
+it gave wrong results on an H200 for M=3, N=96 (block_n=32), see RESULTS_quantized_matmul.md.
 """
 
 import dataclasses
@@ -35,23 +38,15 @@ class GemmConfig:
   num_stages: int = 3
 
 
-def _largest_dividing(n: int, candidates) -> int | None:
-  return next((c for c in candidates if n % c == 0), None)
-
-
 def default_config(m: int, k: int, n: int, ternary: bool):
   """The kernel (by its config type) and block sizes for a shape, or the reason no kernel fits."""
   gemv_config = gemv.default_config(m, k, n, ternary)
   if not isinstance(gemv_config, str):
     return gemv_config
-  if not isinstance(gemm_config := mosaic_gemm.default_config(k, n), str):
-    return gemm_config
-  block_n = _largest_dividing(n, (256, 128, 64, 32))
-  block_k = _largest_dividing(k, (128, 64, 32))
-  if block_n is None or block_k is None:
-    reason = f"GEMM needs N and K multiples of 32, got N={n}, K={k}"
-    return reason if m > gemv.MAX_M else f"{gemv_config}; {reason}"
-  return GemmConfig(block_n=block_n, block_k=block_k, num_warps=8 if block_n == 256 else 4)
+  gemm_config = mosaic_gemm.default_config(k)
+  if isinstance(gemm_config, str) and m <= gemv.MAX_M:
+    return f"{gemv_config}; {gemm_config}"
+  return gemm_config
 
 
 def _epilogue(acc, x_scale, w_scale, out_dtype):
@@ -104,6 +99,9 @@ def matmul(x, w, x_scale, w_scale, *, config, scaled: bool, out_dtype, interpret
   if isinstance(config, mosaic_gemm.GemmConfig):
     return mosaic_gemm.gemm(x, w, x_scale, w_scale, config, scaled=scaled, out_dtype=out_dtype,
                             interpret=interpret)
+  if n % config.block_n or k % config.block_k:
+    raise ValueError(f"the Triton GEMM needs N % block_n == 0 and K % block_k == 0, got N={n}, K={k} "
+                     f"for {config}")
   params = pltriton.CompilerParams(num_warps=config.num_warps, num_stages=config.num_stages)
   bm, bn = config.block_m, config.block_n
   num_m, num_n = pl.cdiv(m, bm), n // bn

@@ -4,7 +4,8 @@ int8 x int8 -> int32 on the tensor cores (wgmma s8.s8.s32; both operands K-major
 requires): a persistent grid of one CTA per multiprocessor walks the output tiles in a swizzled
 (planar snake) order for L2 reuse; in each CTA a producer warpgroup streams x and w tiles through a
 TMA ring (`emit_pipeline_warp_specialized`) while two consumer warpgroups each own half of the
-output tile. The epilogue scales the int32 accumulator (per-token x scales, per-channel w scales)
+output tile. Rows of x and of w (output channels) are zero-padded to whole tiles and the padding
+is sliced off the output. The epilogue scales the int32 accumulator (per-token x scales, per-channel w scales)
 in registers and writes the tile through shared memory with TMA.
 """
 
@@ -31,12 +32,11 @@ class GemmConfig:
   epi_tile: int = 64  # the epilogue writes (epi_tile, epi_tile) blocks, double-buffered
 
 
-def default_config(k: int, n: int) -> GemmConfig | str:
-  """Block sizes, or the reason the kernel cannot take the shape (any M: x's rows are padded)."""
+def default_config(k: int) -> GemmConfig | str:
+  """Block sizes, or the reason the kernel cannot take the shape (any M and N: both are padded)."""
   config = GemmConfig()
-  if n % config.tile_n or k % config.tile_k:
-    return (f"the Mosaic GPU GEMM needs N % {config.tile_n} == 0 and K % {config.tile_k} == 0, "
-            f"got N={n}, K={k}")
+  if k % config.tile_k:
+    return f"the Mosaic GPU GEMM needs K % {config.tile_k} == 0, got K={k}"
   return config
 
 
@@ -48,12 +48,14 @@ def gemm(x, w, x_scale, w_scale, config: GemmConfig, *, scaled: bool, out_dtype,
   out_dtype = jnp.dtype(out_dtype if scaled else jnp.int32)
   tile_m, tile_n, tile_k = config.tile_m, config.tile_n, config.tile_k
   cta_m = 2 * tile_m
-  padded_m = pl.cdiv(m, cta_m) * cta_m
-  if padded_m != m:  # a TMA block may not pass the array's end: pad x's rows, slice the output
+  padded_m, padded_n = pl.cdiv(m, cta_m) * cta_m, pl.cdiv(n, tile_n) * tile_n
+  if (padded_m, padded_n) != (m, n):  # a TMA block may not pass the array's end: pad, then slice
     x = jnp.pad(x, ((0, padded_m - m), (0, 0)))
     x_scale = jnp.pad(x_scale, (0, padded_m - m))
+    w = jnp.pad(w, ((0, padded_n - n), (0, 0)))  # a copy of the weights, only where N % tile_n
+    w_scale = jnp.pad(w_scale, (0, padded_n - n))
     return gemm(x, w, x_scale, w_scale, config, scaled=scaled, out_dtype=out_dtype,
-                interpret=interpret)[:m]
+                interpret=interpret)[:m, :n]
   m_iters, n_iters, k_iters = m // cta_m, n // tile_n, k // tile_k
   epi = config.epi_tile
   stages = config.stages - (out_dtype.itemsize > 2)

@@ -4,7 +4,9 @@ Memory-bound: every weight byte is read once. A CTA owns `ROWS` = 64 output chan
 of one warpgroup) and one of `split_k` slices of K; a multi-stage TMA pipeline (`emit_pipeline`)
 streams its weight slab and the matching columns of x through shared memory, and each step feeds the
 tensor cores with the weights as the M side ("swap AB": out^T [64, Mp] += w [64, k] @ x^T [k, Mp],
-Mp = M rounded up to 8 or 16, x's missing rows zero-padded).
+Mp = M rounded up to 8 or 16, x's missing rows zero-padded). Any N: a TMA block may not pass the
+end of an array, so N is padded to whole blocks of 64 channels with zero weight rows (one copy of
+the weights, only where N % 64 != 0) and the padded channels are sliced off the partials.
 
 - int8 weights: the wgmma reads both operands from shared memory (K-major, 128-byte swizzle).
 - ternary weights: a step loads one packing group (128 words of each row = 2048 values of K, see
@@ -46,7 +48,7 @@ class GemvConfig:
 def _split_k(k: int, n: int, block_k: int) -> int:
   """Slices of K until the CTAs cover the multiprocessors (small N needs more)."""
   split = 1
-  while (n // ROWS) * split < _SM_COUNT and k % (2 * split * block_k) == 0:
+  while pl.cdiv(n, ROWS) * split < _SM_COUNT and k % (2 * split * block_k) == 0:
     split *= 2
   return split
 
@@ -55,8 +57,6 @@ def default_config(m: int, k: int, n: int, ternary: bool) -> GemvConfig | str:
   """The block sizes for a shape, or the reason this kernel cannot take it."""
   if m > MAX_M:
     return f"the GEMV takes M <= {MAX_M} rows, got M={m}"
-  if n % ROWS:
-    return f"the GEMV needs N a multiple of {ROWS}, got N={n}"
   if ternary:
     block_k = ternary_pack.VALUES_PER_WORD * _GROUP_WORDS
     if k % block_k:
@@ -76,6 +76,8 @@ def x_row_sums(x: jax.Array) -> jax.Array:
 def gemv_partials(x: jax.Array, w: jax.Array, config: GemvConfig, *, interpret: bool = False) -> jax.Array:
   """x [M, K] int8, w [N, K] int8 or [N, K // 16] uint32 -> int32 partial sums [split_k, N, Mp].
 
+  Columns >= M of the partials are the padding rows of x (zeros).
+
   For ternary w without `minus_one_mma` the partials sum to (w + 1) x^T: subtract `x_row_sums`.
   """
   m, k = x.shape
@@ -84,6 +86,9 @@ def gemv_partials(x: jax.Array, w: jax.Array, config: GemvConfig, *, interpret: 
   padded_m = 8 if m <= 8 else 16
   if m != padded_m:  # a TMA block may not pass the array's end: pad x's rows (a few KiB)
     x = jnp.pad(x, ((0, padded_m - m), (0, 0)))
+  padded_n = pl.cdiv(n, ROWS) * ROWS
+  if n != padded_n:  # the same for the weights' rows: padded channels are sliced off below
+    return gemv_partials(x, jnp.pad(w, ((0, padded_n - n), (0, 0))), config, interpret=interpret)[:, :n]
   bk, splits = config.block_k, config.split_k
   k_slice = k // splits
   steps = k_slice // bk

@@ -102,58 +102,152 @@ def test_auto_falls_back_to_reference_on_cpu_and_logs(caplog):
   assert "falls back to the reference" in caplog.text
 
 
-# (M, K, N): the Mosaic GPU GEMV (int8 weights, padded rows of x; GPU interpret mode cannot run the
-# ternary GEMV's register-operand wgmma, so ternary at these K goes to the GEMM), a decode shape the
-# GEMV cannot take (N % 64) on the Triton GEMM, the Triton GEMM (M > 16, N % 128) and the Mosaic
-# GPU GEMM (x's rows padded to the CTA tile).
-GPU_SHAPES = [(5, 4096, 32), (3, 512, 64), (40, 512, 64), (20, 256, 128)]
-TPU_SHAPES = [(8, 2048, 128), (40, 2048, 256)]
-
-
-@pytest.mark.parametrize("implementation,shape", [("gpu", s) for s in GPU_SHAPES] + [("tpu", s) for s in TPU_SHAPES])
-@pytest.mark.parametrize("ternary", [False, True])
-def test_kernels_interpret_exact(implementation, shape, ternary):
-  m, k, n = shape
-  rng = np.random.default_rng(m + k + n + ternary)
+def _operands(rng, m, k, n, ternary):
+  """x [M, K] int8, the weights (int8 or packed ternary) and their int8 values."""
   x = _int8(rng, (m, k))
-  w = ternary_pack.pack_ternary(_ternary(rng, (n, k))) if ternary else _int8(rng, (n, k))
-  acc = quantized_matmul(x, w, implementation=implementation, interpret=True)
-  np.testing.assert_array_equal(acc, quantized_matmul_reference(x, w))
-  scales = (jnp.asarray(rng.uniform(0.01, 1, (m,)), jnp.float32), jnp.asarray(rng.uniform(0.01, 1, (n,)), jnp.float32))
-  out = quantized_matmul(x, w, scales, out_dtype=jnp.float32, implementation=implementation, interpret=True)
-  np.testing.assert_allclose(out, quantized_matmul_reference(x, w, scales, out_dtype=jnp.float32), rtol=1e-6)
+  w_int = _ternary(rng, (n, k)) if ternary else _int8(rng, (n, k))
+  return x, (ternary_pack.pack_ternary(w_int) if ternary else w_int), w_int
 
 
-def test_gpu_dispatch_picks_the_kernel_per_shape():
+def _gpu_kernel_name(config) -> str:
   from bitgen.kernels import quantized_matmul_gpu as gpu
   from bitgen.kernels import quantized_matmul_gpu_gemm as mosaic_gemm
   from bitgen.kernels import quantized_matmul_gpu_gemv as gemv
+  names = {gemv.GemvConfig: "gemv", mosaic_gemm.GemmConfig: "mosaic_gemm", gpu.GemmConfig: "triton_gemm"}
+  return "refused" if isinstance(config, str) else names[type(config)]
+
+
+# (M, K, N), odd M and N: the Mosaic GPU GEMV (int8; N padded to 64-channel blocks: 96 = 64 + 32,
+# 200, 32) and the Mosaic GPU GEMM (M > 16, and ternary weights whose K is not whole 2048-value
+# groups; rows of x and w padded to the tiles). GPU interpret mode cannot run the ternary GEMV's
+# register-operand wgmma, so no ternary shape here routes to it (K < 2048).
+GPU_SHAPES = [(3, 256, 96, False, "gemv"), (5, 128, 200, False, "gemv"), (16, 128, 32, False, "gemv"),
+              (3, 256, 96, True, "mosaic_gemm"), (17, 256, 96, False, "mosaic_gemm"),
+              (17, 128, 200, True, "mosaic_gemm")]
+TPU_SHAPES = [(8, 2048, 128), (40, 2048, 256)]
+
+
+@pytest.mark.parametrize("m,k,n,ternary,kernel", GPU_SHAPES)
+def test_gpu_kernels_interpret_exact(m, k, n, ternary, kernel):
+  from bitgen.kernels import quantized_matmul_gpu as gpu
+  assert _gpu_kernel_name(gpu.default_config(m, k, n, ternary)) == kernel
+  _check_interpret_exact("gpu", m, k, n, ternary)
+
+
+@pytest.mark.parametrize("shape", TPU_SHAPES)
+@pytest.mark.parametrize("ternary", [False, True])
+def test_tpu_kernel_interpret_exact(shape, ternary):
+  _check_interpret_exact("tpu", *shape, ternary)
+
+
+def _check_interpret_exact(implementation, m, k, n, ternary):
+  rng = np.random.default_rng(m + k + n + ternary)
+  x, w, _ = _operands(rng, m, k, n, ternary)
+  acc = quantized_matmul(x, w, implementation=implementation, interpret=True)
+  np.testing.assert_array_equal(acc, quantized_matmul_reference(x, w))
+  scales = (jnp.asarray(rng.uniform(0.01, 1, (m,)), jnp.float32),
+            jnp.asarray(rng.uniform(0.01, 1, (n,)), jnp.float32))
+  out = quantized_matmul(x, w, scales, out_dtype=jnp.float32, implementation=implementation,
+                         interpret=True)
+  np.testing.assert_allclose(out, quantized_matmul_reference(x, w, scales, out_dtype=jnp.float32), rtol=1e-6)
+
+
+@pytest.mark.parametrize("m", [1, 3, 5, 8, 15, 16, 17, 40, 300])
+@pytest.mark.parametrize("n", [32, 96, 200, 1024])
+def test_gpu_routing_takes_any_m_and_n(m, n):
+  # Odd M and N (96 = 64 + 32, 200) route to the Mosaic GPU kernels, never to the Triton GEMM.
+  from bitgen.kernels import quantized_matmul_gpu as gpu
+  decode = m <= 16
+  assert _gpu_kernel_name(gpu.default_config(m, 4096, n, False)) == ("gemv" if decode else "mosaic_gemm")
+  assert _gpu_kernel_name(gpu.default_config(m, 4096, n, True)) == ("gemv" if decode else "mosaic_gemm")
+  # Ternary K not in whole 2048-value groups: unpacked to int8, then the GEMM.
+  assert _gpu_kernel_name(gpu.default_config(m, 1024, n, True)) == "mosaic_gemm"
+  reason = gpu.default_config(m, 48, n, False)
+  assert _gpu_kernel_name(reason) == "refused" and "K % 128" in reason and "K=48" in reason
+
+
+def test_gpu_gemv_split_covers_the_multiprocessors():
+  from bitgen.kernels import quantized_matmul_gpu as gpu
+  from bitgen.kernels import quantized_matmul_gpu_gemv as gemv
   for ternary in (False, True):
     config = gpu.default_config(8, 8192, 8192, ternary)
-    assert isinstance(config, gemv.GemvConfig)
     assert (8192 // gemv.ROWS) * config.split_k >= 128 and 8192 % (config.split_k * config.block_k) == 0
-    assert isinstance(gpu.default_config(4096, 2048, 8192, ternary), mosaic_gemm.GemmConfig)
-    assert isinstance(gpu.default_config(300, 2048, 96, ternary), gpu.GemmConfig)  # N % 128
-    assert isinstance(gpu.default_config(8, 2048, 96, ternary), gpu.GemmConfig)  # N % 64: the GEMM
-  assert isinstance(gpu.default_config(8, 1024, 64, True), gpu.GemmConfig)  # not whole 2048-groups
-  assert "multiples of 32" in gpu.default_config(8, 48, 40, False)
+  config = gpu.default_config(3, 8192, 96, False)  # 2 blocks of 64 channels: as many slices as K allows
+  assert config.split_k == 8192 // config.block_k
+
+
+def test_triton_gemm_only_with_an_explicit_config_that_fits():
+  from bitgen.kernels import quantized_matmul_gpu as gpu
+  x, w = jnp.zeros((40, 256), jnp.int8), jnp.zeros((96, 256), jnp.int8)
+  ones = jnp.ones((40,), jnp.float32), jnp.ones((96,), jnp.float32)
+  with pytest.raises(ValueError, match="N % block_n"):
+    gpu.matmul(x, w, *ones, config=gpu.GemmConfig(block_n=64), scaled=False, out_dtype=jnp.int32,
+               interpret=True)
+
+
+def _assert_exact(got, exact, what):
+  """Exact int32 equality; on failure, which rows and columns of the output are wrong."""
+  got = np.asarray(got, np.int64)
+  wrong = got != exact
+  if wrong.any():
+    rows, cols = np.nonzero(wrong)
+    pytest.fail(f"{what}: {wrong.sum()} of {wrong.size} outputs wrong, max |error| "
+                f"{np.abs(got - exact).max()}, rows {np.unique(rows)[:20]}, columns {np.unique(cols)[:40]}")
+
+
+def _check_on_device(m, k, n, ternary, run):
+  """`run(x, w, scales)` on the GPU against the host's int64 product (XLA's int8 dot is not trusted)."""
+  rng = np.random.default_rng(m + n + ternary)
+  x, w, w_int = _operands(rng, m, k, n, ternary)
+  exact = np.asarray(x, np.int64) @ np.asarray(w_int, np.int64).T
+  _assert_exact(run(x, w, None), exact, "int32 accumulator")
+  x_scale = rng.uniform(0.01, 1, (m,)).astype(np.float32)
+  w_scale = rng.uniform(0.01, 1, (n,)).astype(np.float32)
+  out = run(x, w, (jnp.asarray(x_scale), jnp.asarray(w_scale)))
+  np.testing.assert_allclose(out, exact * x_scale[:, None].astype(np.float64) * w_scale, rtol=1e-6)
+
+
+# The Triton GEMM, explicit configs only: its block_n=256 default at the shape it passed on an H100,
+# and the small tiles `gpu` routed (3, 2048, 96) to before (wrong on an H200).
+TRITON_CASES = [(300, 1024, 512, 256, 8), (3, 2048, 96, 32, 4), (40, 512, 96, 32, 4), (3, 2048, 128, 128, 4)]
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("shape", [(8, 8192, 1024), (5, 2048, 6144), (16, 8192, 2048), (3, 2048, 96),
-                                   (300, 1024, 512)])
-@pytest.mark.parametrize("ternary", [False, True])
-def test_gpu_kernels_exact(shape, ternary):
+@pytest.mark.parametrize("m,k,n,block_n,num_warps", TRITON_CASES)
+def test_gpu_triton_gemm_explicit_config(m, k, n, block_n, num_warps):
   if jax.default_backend() != "gpu":
     pytest.skip("needs a CUDA GPU")
-  m, k, n = shape
-  rng = np.random.default_rng(m + n + ternary)
-  x = _int8(rng, (m, k))
-  w_int = _ternary(rng, (n, k)) if ternary else _int8(rng, (n, k))
-  w = ternary_pack.pack_ternary(w_int) if ternary else w_int
-  # The truth is an int64 product on the host: XLA's own int8 dot is not trusted on the device.
-  exact = np.asarray(x, np.int64) @ np.asarray(w_int, np.int64).T
-  np.testing.assert_array_equal(quantized_matmul(x, w, implementation="gpu"), exact)
-  x_scale, w_scale = rng.uniform(0.01, 1, (m,)).astype(np.float32), rng.uniform(0.01, 1, (n,)).astype(np.float32)
-  out = quantized_matmul(x, w, (jnp.asarray(x_scale), jnp.asarray(w_scale)), out_dtype=jnp.float32, implementation="gpu")
-  np.testing.assert_allclose(out, exact * x_scale[:, None].astype(np.float64) * w_scale, rtol=1e-6)
+  from bitgen.kernels import quantized_matmul_gpu as gpu
+  config = gpu.GemmConfig(block_n=block_n, num_warps=num_warps)
+
+  def run(x, w, scales):
+    x_scale, w_scale = (jnp.ones((m,)), jnp.ones((n,))) if scales is None else scales
+    return gpu.matmul(x, w, x_scale, w_scale, config=config, scaled=scales is not None,
+                      out_dtype=jnp.float32 if scales is not None else jnp.int32)
+
+  _check_on_device(m, k, n, False, run)
+
+
+# Every GPU path `gpu` / `auto` routes to, on the device: int8 GEMV, Mosaic GEMM (int8 and unpacked
+# ternary; odd M and N), then the ternary GEMV last (never run before: if it hangs, the rest reported).
+DEVICE_SHAPES = [
+    (8, 8192, 1024, False), (5, 2048, 6144, False), (16, 8192, 2048, False), (3, 2048, 96, False),
+    (1, 2048, 200, False), (300, 1024, 512, False), (17, 1024, 96, False), (300, 1024, 512, True),
+    (17, 1024, 96, True), (5, 1024, 200, True), (8, 8192, 1024, True), (5, 2048, 6144, True),
+    (16, 8192, 2048, True), (3, 2048, 96, True), (1, 2048, 200, True)]
+
+
+def _device_id(shape):
+  from bitgen.kernels import quantized_matmul_gpu as gpu
+  m, k, n, ternary = shape
+  kernel = _gpu_kernel_name(gpu.default_config(m, k, n, ternary))
+  return f"{'ternary' if ternary else 'int8'}-{kernel}-{m}x{k}x{n}"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m,k,n,ternary", DEVICE_SHAPES, ids=[_device_id(s) for s in DEVICE_SHAPES])
+def test_gpu_routed_kernels_exact(m, k, n, ternary):
+  if jax.default_backend() != "gpu":
+    pytest.skip("needs a CUDA GPU")
+  _check_on_device(m, k, n, ternary, lambda x, w, scales: quantized_matmul(
+      x, w, scales, out_dtype=None if scales is None else jnp.float32, implementation="gpu"))
