@@ -209,7 +209,7 @@ def _check_on_device(m, k, n, ternary, run):
 
 # The Triton GEMM, explicit configs only: its block_n=256 default at the shape it passed on an H100,
 # and the small tiles `gpu` routed (3, 2048, 96) to before (wrong on an H200).
-TRITON_CASES = [(300, 1024, 512, 256, 8), (3, 2048, 96, 32, 4), (40, 512, 96, 32, 4), (3, 2048, 128, 128, 4)]
+TRITON_CASES = [(300, 1024, 512, 256, 8), (3, 2048, 96, 32, 4), (3, 2048, 128, 128, 4)]
 
 
 @pytest.mark.gpu
