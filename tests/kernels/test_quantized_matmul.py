@@ -207,29 +207,8 @@ def _check_on_device(m, k, n, ternary, run):
   np.testing.assert_allclose(out, exact * x_scale[:, None].astype(np.float64) * w_scale, rtol=1e-6)
 
 
-# The Triton GEMM, explicit configs only: its block_n=256 default at the shape it passed on an H100,
-# and the small tiles `gpu` routed (3, 2048, 96) to before (wrong on an H200).
-TRITON_CASES = [(300, 1024, 512, 256, 8), (3, 2048, 96, 32, 4), (3, 2048, 128, 128, 4)]
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("m,k,n,block_n,num_warps", TRITON_CASES)
-def test_gpu_triton_gemm_explicit_config(m, k, n, block_n, num_warps):
-  if jax.default_backend() != "gpu":
-    pytest.skip("needs a CUDA GPU")
-  from bitgen.kernels import quantized_matmul_gpu as gpu
-  config = gpu.GemmConfig(block_n=block_n, num_warps=num_warps)
-
-  def run(x, w, scales):
-    x_scale, w_scale = (jnp.ones((m,)), jnp.ones((n,))) if scales is None else scales
-    return gpu.matmul(x, w, x_scale, w_scale, config=config, scaled=scales is not None,
-                      out_dtype=jnp.float32 if scales is not None else jnp.int32)
-
-  _check_on_device(m, k, n, False, run)
-
-
 # Every GPU path `gpu` / `auto` routes to, on the device: int8 GEMV, Mosaic GEMM (int8 and unpacked
-# ternary; odd M and N), then the ternary GEMV last (never run before: if it hangs, the rest reported).
+# ternary; odd M and N), then the ternary GEMV (never run before: if it hangs, the rest is reported).
 DEVICE_SHAPES = [
     (8, 8192, 1024, False), (5, 2048, 6144, False), (16, 8192, 2048, False), (3, 2048, 96, False),
     (1, 2048, 200, False), (300, 1024, 512, False), (17, 1024, 96, False), (300, 1024, 512, True),
@@ -251,3 +230,24 @@ def test_gpu_routed_kernels_exact(m, k, n, ternary):
     pytest.skip("needs a CUDA GPU")
   _check_on_device(m, k, n, ternary, lambda x, w, scales: quantized_matmul(
       x, w, scales, out_dtype=None if scales is None else jnp.float32, implementation="gpu"))
+
+
+# The Triton GEMM, explicit configs only: its block_n=256 default at the shape it passed on an H100,
+# and the small tiles `gpu` routed (3, 2048, 96) to before (wrong on an H200).
+TRITON_CASES = [(300, 1024, 512, 256, 8), (3, 2048, 96, 32, 4), (3, 2048, 128, 128, 4)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m,k,n,block_n,num_warps", TRITON_CASES)
+def test_gpu_triton_gemm_explicit_config(m, k, n, block_n, num_warps):
+  if jax.default_backend() != "gpu":
+    pytest.skip("needs a CUDA GPU")
+  from bitgen.kernels import quantized_matmul_gpu as gpu
+  config = gpu.GemmConfig(block_n=block_n, num_warps=num_warps)
+
+  def run(x, w, scales):
+    x_scale, w_scale = (jnp.ones((m,)), jnp.ones((n,))) if scales is None else scales
+    return gpu.matmul(x, w, x_scale, w_scale, config=config, scaled=scales is not None,
+                      out_dtype=jnp.float32 if scales is not None else jnp.int32)
+
+  _check_on_device(m, k, n, False, run)
