@@ -247,10 +247,15 @@ def restore_model(config, workdir) -> tuple[nnx.Module, InfinityTask]:
   from bitgen.train import bld  # pylint: disable=g-import-not-at-top
   from bitgen.train import config as config_lib  # pylint: disable=g-import-not-at-top
   from bitgen.train import trainer  # pylint: disable=g-import-not-at-top
+  import pathlib  # pylint: disable=g-import-not-at-top
   config = config_lib.with_defaults(config)
   if config.task != "infinity":
     raise ValueError(f"restore_model takes an Infinity transformer config (task 'infinity'), got "
                      f"task {config.task!r}")
+  checkpoints = pathlib.Path(workdir) / "checkpoints"
+  if not checkpoints.is_dir():  # before loading the VAE and building the state
+    raise FileNotFoundError(f"no checkpoint in {checkpoints}: train first (bitgen train --workdir "
+                            f"{workdir})")
   task = build_task(config)
   return bld.on_one_device(trainer.restore(config, workdir, task=task).model()), task
 
