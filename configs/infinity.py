@@ -5,7 +5,9 @@ VAE only (`config.vae` builds `bitgen.models.infinity_vae.InfinityVAEConfig` via
   ch_mult (1, 2, 4, 4, 4), stride 16, d bits per token; `tools/run_infinity.py::load_visual_tokenizer`).
 - "vae_d14_f8": the stride-8 tokenizer of Infinity-8B (ch_mult (1, 2, 4, 4), 14 bits; the
   transformer sees 2x2 patches of it, 56 bits per token).
-- "vae_tiny": base 32, ch_mult (1, 1, 1, 2, 2), 16 bits (the parity fixture's VAE; trains on CPU).
+- "vae_tiny": base 32, ch_mult (1, 1, 1, 2, 2), 16 bits (the parity fixture's VAE).
+- "vae_cpu": base 24, ch_mult (1, 1, 2, 2), stride 8, 16 bits (what a shared 2-core CPU trains in
+  minutes; used with 1 res block by "train_tiny_vae").
 
 Transformer + its VAE (`config.model` -> `bitgen.models.infinity.InfinityConfig`, `config.vae`,
 `config.pn` the default resolution name of `bitgen.models.infinity_schedules`):
@@ -16,14 +18,16 @@ Transformer + its VAE (`config.model` -> `bitgen.models.infinity.InfinityConfig`
   spatial patchify (56 bits per token).
 
 Training on the embedded photos, class-conditional (label = source photo), sized for a 2-core CPU:
-- "train_tiny_vae": stage 1, the tiny VAE as a tokenizer (task "infinity_vae": L1 + multi-scale
-  quantizer loss) on 64 px crops (4x4 latents: 3 scales).
+- "train_tiny_vae": stage 1, the "vae_cpu" VAE as a tokenizer (task "infinity_vae": L1 + multi-scale
+  quantizer loss) on 32 px crops (4x4 latents: 3 scales); 300 steps.
 - "train_tiny": stage 2, a class-conditional transformer (task "infinity") on the frozen stage-1
   VAE read from `vae_source` (that run's workdir), with the official recipe: bitwise
   self-correction (flip p in {0, .01, .., .30} on the first 13 scales), scale-reweighted bit loss,
   10% condition dropout, AdamW (0.9, 0.97), weight decay 0.005, grad clip 5, constant lr
-  6e-3 * batch / 256 (train.sh: tblr 6e-3, sche lin0 with wpe 1).
-Both build their task with `bitgen.train.infinity.build_task(config)`.
+  6e-3 * batch / 256 (train.sh: tblr 6e-3, sche lin0 with wpe 1); 400 steps. `config.sample`
+  holds the `bitgen sample` defaults (CFG, tau, top-k / top-p, grid columns).
+`bitgen.train.infinity.train_and_evaluate` runs both and reports held-out bits per bit
+(bitgen/bench/RESULTS_infinity.md). Both build their task with `bitgen.train.infinity.build_task(config)`.
 """
 
 import ml_collections
