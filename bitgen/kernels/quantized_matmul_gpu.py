@@ -8,9 +8,11 @@
   path is bound by arithmetic, not by weight bytes.
 Both pad odd M and N to whole tiles; K must be a multiple of 128 (else `auto` uses the reference).
 
-`auto` and `gpu` route only to these two. The Triton GEMM below (Pallas' deprecated Triton backend,
-output-tiled int8 MMA) runs only when its `GemmConfig` is passed explicitly (the benchmark's sweep);
-it gave wrong results on an H200 for M=3, N=96 (block_n=32), see RESULTS_quantized_matmul.md.
+`auto` and `gpu` route only to these two (both exact on an H200, RESULTS_quantized_matmul.md). The
+Triton GEMM below (Pallas' deprecated Triton backend, output-tiled int8 MMA) runs only when its
+`GemmConfig` is passed explicitly (the benchmark's sweep): on an H200 its int32 accumulator was
+exact, but its scaled outputs were wrong at M=3 (block_m 128, 4 warps; exact at M=300 with 8 warps),
+so it refuses scaled outputs outside the combination that passed.
 """
 
 import dataclasses
@@ -102,6 +104,9 @@ def matmul(x, w, x_scale, w_scale, *, config, scaled: bool, out_dtype, interpret
   if n % config.block_n or k % config.block_k:
     raise ValueError(f"the Triton GEMM needs N % block_n == 0 and K % block_k == 0, got N={n}, K={k} "
                      f"for {config}")
+  if scaled and (m < config.block_m or config.num_warps != 8):
+    raise ValueError(f"the Triton GEMM's scaled outputs were wrong on an H200 at M=3 with 4 warps; "
+                     f"they need M >= block_m and num_warps=8, got M={m} for {config}")
   params = pltriton.CompilerParams(num_warps=config.num_warps, num_stages=config.num_stages)
   bm, bn = config.block_m, config.block_n
   num_m, num_n = pl.cdiv(m, bm), n // bn

@@ -5,8 +5,8 @@ requires): a persistent grid of one CTA per multiprocessor walks the output tile
 (planar snake) order for L2 reuse; in each CTA a producer warpgroup streams x and w tiles through a
 TMA ring (`emit_pipeline_warp_specialized`) while two consumer warpgroups each own half of the
 output tile. Rows of x and of w (output channels) are zero-padded to whole tiles and the padding
-is sliced off the output. The epilogue scales the int32 accumulator (per-token x scales, per-channel w scales)
-in registers and writes the tile through shared memory with TMA.
+is sliced off the output. The epilogue scales the int32 accumulator (per-token x scales,
+per-channel w scales) in registers and writes the tile through shared memory with TMA.
 """
 
 import dataclasses

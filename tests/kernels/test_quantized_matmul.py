@@ -183,6 +183,9 @@ def test_triton_gemm_only_with_an_explicit_config_that_fits():
   with pytest.raises(ValueError, match="N % block_n"):
     gpu.matmul(x, w, *ones, config=gpu.GemmConfig(block_n=64), scaled=False, out_dtype=jnp.int32,
                interpret=True)
+  for config in (gpu.GemmConfig(block_n=32), gpu.GemmConfig(block_m=32, block_n=32, num_warps=4)):
+    with pytest.raises(ValueError, match="scaled outputs were wrong"):  # M < block_m, or 4 warps
+      gpu.matmul(x, w, *ones, config=config, scaled=True, out_dtype=jnp.float32, interpret=True)
 
 
 def _assert_exact(got, exact, what):
@@ -195,12 +198,14 @@ def _assert_exact(got, exact, what):
                 f"{np.abs(got - exact).max()}, rows {np.unique(rows)[:20]}, columns {np.unique(cols)[:40]}")
 
 
-def _check_on_device(m, k, n, ternary, run):
+def _check_on_device(m, k, n, ternary, run, scaled=True):
   """`run(x, w, scales)` on the GPU against the host's int64 product (XLA's int8 dot is not trusted)."""
   rng = np.random.default_rng(m + n + ternary)
   x, w, w_int = _operands(rng, m, k, n, ternary)
   exact = np.asarray(x, np.int64) @ np.asarray(w_int, np.int64).T
   _assert_exact(run(x, w, None), exact, "int32 accumulator")
+  if not scaled:
+    return
   x_scale = rng.uniform(0.01, 1, (m,)).astype(np.float32)
   w_scale = rng.uniform(0.01, 1, (n,)).astype(np.float32)
   out = run(x, w, (jnp.asarray(x_scale), jnp.asarray(w_scale)))
@@ -233,7 +238,8 @@ def test_gpu_routed_kernels_exact(m, k, n, ternary):
 
 
 # The Triton GEMM, explicit configs only: its block_n=256 default at the shape it passed on an H100,
-# and the small tiles `gpu` routed (3, 2048, 96) to before (wrong on an H200).
+# and the small tiles `gpu` routed (3, 2048, 96) to before: on an H200 their int32 accumulators were
+# exact and their scaled outputs wrong (M < block_m, 4 warps), which the kernel now refuses.
 TRITON_CASES = [(300, 1024, 512, 256, 8), (3, 2048, 96, 32, 4), (3, 2048, 128, 128, 4)]
 
 
@@ -250,4 +256,4 @@ def test_gpu_triton_gemm_explicit_config(m, k, n, block_n, num_warps):
     return gpu.matmul(x, w, x_scale, w_scale, config=config, scaled=scales is not None,
                       out_dtype=jnp.float32 if scales is not None else jnp.int32)
 
-  _check_on_device(m, k, n, False, run)
+  _check_on_device(m, k, n, False, run, scaled=m >= config.block_m and num_warps == 8)
