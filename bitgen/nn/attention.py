@@ -18,12 +18,19 @@ from bitgen.kernels.binary_attention import binary_attention
 AttentionKind = Literal["dense", "binary"]
 
 
+def _gpu_is_ampere_or_newer() -> bool:
+  if jax.default_backend() != "gpu":
+    return False
+  capability = getattr(jax.devices()[0], "compute_capability", "0")
+  return float(capability) >= 8.0
+
+
 def dense_implementation(q: jax.Array, bias: jax.Array | None, mask: jax.Array | None) -> str | None:
-  """"cudnn" where cuDNN flash attention applies (GPU, 16-bit, head dim <= 128 and a multiple of 8,
-  no bias or mask), else None (XLA)."""
+  """"cudnn" where cuDNN flash attention applies (Ampere or newer GPU, 16-bit, head dim <= 128 and
+  a multiple of 8, no bias or mask), else None (XLA)."""
   head_dim = q.shape[-1]
-  if (jax.default_backend() == "gpu" and jnp.dtype(q.dtype).itemsize == 2 and bias is None
-      and mask is None and head_dim <= 128 and head_dim % 8 == 0):
+  if (jnp.dtype(q.dtype).itemsize == 2 and bias is None and mask is None and head_dim <= 128
+      and head_dim % 8 == 0 and _gpu_is_ampere_or_newer()):
     return "cudnn"
   return None
 
