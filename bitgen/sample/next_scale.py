@@ -138,16 +138,17 @@ def _scale_step(head: Infinity, weights: SamplingModel, condition: Condition, x:
     x_sa = infinity_blocks.plain_layer_norm(x, block.norm_eps) * (scale1 + 1) + shift1
     q, key, value = block.sa.qkv(x_sa, cos_k, sin_k)
     heads = key.shape[2:]
+
+    def prefix(cache, length):  # [R, length, N, H] of block i
+      return jax.lax.dynamic_slice(cache, (i, 0, 0, 0, 0), (1, rows, length, *heads))[0]
+
     if cached:
       keys = jax.lax.dynamic_update_slice(keys, key[None], (i, 0, start, 0, 0))
       values = jax.lax.dynamic_update_slice(values, value[None], (i, 0, start, 0, 0))
-      layer_keys = jax.lax.dynamic_slice(keys, (i, 0, 0, 0, 0), (1, rows, end, *heads))[0]
-      layer_values = jax.lax.dynamic_slice(values, (i, 0, 0, 0, 0), (1, rows, end, *heads))[0]
+      layer_keys, layer_values = prefix(keys, end), prefix(values, end)
     else:  # the last scale: the cached prefix, then its own keys
-      layer_keys = jnp.concatenate(
-          [jax.lax.dynamic_slice(keys, (i, 0, 0, 0, 0), (1, rows, start, *heads))[0], key], axis=1)
-      layer_values = jnp.concatenate(
-          [jax.lax.dynamic_slice(values, (i, 0, 0, 0, 0), (1, rows, start, *heads))[0], value], axis=1)
+      layer_keys = jnp.concatenate([prefix(keys, start), key], axis=1)
+      layer_values = jnp.concatenate([prefix(values, start), value], axis=1)
     attended = block.sa.attend(q, layer_keys, layer_values, None, implementation=implementation)
     x = x + attended * gamma1
     x = block.cross_and_ffn(x, gamma2, scale2, shift2, condition.text, condition.text_valid)

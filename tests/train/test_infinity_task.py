@@ -118,3 +118,18 @@ def test_evaluate_bits_against_the_frequency_baseline(task):
   result = evaluate_bits(task, model, [data], [data])
   # An untrained model is close to 1 bit per bit; the frequency baseline of the same labels is below 1.
   assert 0.5 < result["bits_per_bit"] < 2.0 and 0.0 < result["baseline_bits_per_bit"] <= 1.0
+
+
+def test_configs_pair_bits_and_name_unknown_variants():
+  from bitgen import configlib
+  from bitgen.models.infinity import check_vae_compatible
+  from bitgen.models.infinity_vae import InfinityVAEConfig
+  from configs import infinity as configs
+  for name in [*configs.MODEL_VARIANTS, "train_tiny"]:
+    config = configs.get_config(name)
+    model = configlib.from_dict(InfinityConfig, config.model)
+    check_vae_compatible(configlib.from_dict(InfinityVAEConfig, config.vae).codebook_dim, model)
+  stage1 = configs.get_config("train_tiny_vae")
+  assert configs.get_config("train_tiny").vae.to_dict() == stage1.model.to_dict()
+  with pytest.raises(ValueError, match="unknown Infinity config 'nope'"):
+    configs.get_config("nope")
