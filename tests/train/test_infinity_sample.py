@@ -8,6 +8,9 @@ from bitgen import cli
 from bitgen.train import infinity as infinity_train
 from bitgen.train import trainer
 
+# Compiling the two one-step trainings and the sampler takes minutes on a 2-core CPU.
+pytestmark = pytest.mark.slow
+
 CONFIG_FILE = '''
 from configs import infinity
 
