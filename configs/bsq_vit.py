@@ -115,13 +115,15 @@ def main_job_config() -> ml_collections.ConfigDict:
   # key, so any of them can be overridden (`--set log.progress=False`).
   from bitgen import data  # pylint: disable=g-import-not-at-top
   from bitgen.train.config import with_defaults  # pylint: disable=g-import-not-at-top
+  from bitgen.train.tokenizer import LOSS_DEFAULTS  # pylint: disable=g-import-not-at-top
   data_config = data.get_config("embedded_photos", image_size=64)
   data_config.update(short_side=128, train_short_sides=(128, 160, 192, 256))
   return with_defaults(ml_collections.ConfigDict(dict(
       model=model_config("tiny"),
       data=data_config,
       train=dict(batch_size=32, steps=2000, seed=0, lr=1e-3, warmup_steps=100, lr_end_factor=0.05,
-                 ema_decay=None, loss=dict(codebook_weight=0.03, codebook_rampup_steps=200)),
+                 ema_decay=None,
+                 loss=dict(LOSS_DEFAULTS, codebook_weight=0.03, codebook_rampup_steps=200)),
       checkpoint=dict(every=500, keep=2),
       log=dict(every=50, grid_every=500, grid_images=8),
       mesh=dict(shape=(1, -1, 1)),
