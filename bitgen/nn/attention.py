@@ -18,19 +18,18 @@ from bitgen.kernels.binary_attention import binary_attention
 AttentionKind = Literal["dense", "binary"]
 
 
-def _gpu_is_ampere_or_newer() -> bool:
-  if jax.default_backend() != "gpu":
+def cudnn_applies(dtype) -> bool:
+  """Whether cuDNN flash attention can run `dtype` here: 16-bit on an Ampere or newer GPU."""
+  if jax.default_backend() != "gpu" or jnp.dtype(dtype).itemsize != 2:
     return False
-  capability = getattr(jax.devices()[0], "compute_capability", "0")
-  return float(capability) >= 8.0
+  return float(getattr(jax.devices()[0], "compute_capability", "0")) >= 8.0
 
 
 def dense_implementation(q: jax.Array, bias: jax.Array | None, mask: jax.Array | None) -> str | None:
-  """"cudnn" where cuDNN flash attention applies (Ampere or newer GPU, 16-bit, head dim <= 128 and
-  a multiple of 8, no bias or mask), else None (XLA)."""
+  """"cudnn" where cuDNN flash attention applies (`cudnn_applies`, head dim <= 128 and a multiple
+  of 8, no bias or mask), else None (XLA)."""
   head_dim = q.shape[-1]
-  if (jnp.dtype(q.dtype).itemsize == 2 and bias is None and mask is None and head_dim <= 128
-      and head_dim % 8 == 0 and _gpu_is_ampere_or_newer()):
+  if bias is None and mask is None and head_dim <= 128 and head_dim % 8 == 0 and cudnn_applies(q.dtype):
     return "cudnn"
   return None
 

@@ -32,6 +32,7 @@ from flax import nnx
 
 from bitgen.models.infinity import Condition, Infinity, InfinityConfig
 from bitgen.models.infinity_schedules import Schedule
+from bitgen.nn import attention as attention_lib
 from bitgen.nn import infinity_blocks
 from bitgen.quantizers import multiscale
 
@@ -114,7 +115,7 @@ def prepare(model: Infinity, dtype=None) -> SamplingModel:
 def default_attention(dtype) -> str | None:
   """cuDNN flash attention on GPU in 16-bit (the KV-cached attention at 1024^2 would otherwise
   materialise [rows, heads, 4096, 10521] float32 scores); `bitgen.nn.attention` elsewhere."""
-  return "cudnn" if jax.default_backend() == "gpu" and jnp.dtype(dtype).itemsize == 2 else None
+  return "cudnn" if attention_lib.cudnn_applies(dtype) else None
 
 
 def _scale_step(head: Infinity, weights: SamplingModel, condition: Condition, x: jax.Array, k: int,
