@@ -1,8 +1,8 @@
 """GPU kernels for `quantized_matmul` (Hopper first), one per path, chosen by the rows M of x:
 
 - GEMV (M <= 16, decode): Pallas Mosaic GPU, `quantized_matmul_gpu_gemv` (weights read once through
-  a TMA pipeline, ternary words unpacked in registers into the wgmma operand); its int32 partial sums
-  of the K slices are summed, transposed and scaled here by one small XLA fusion (exact).
+  a TMA pipeline, ternary words unpacked in registers into the wgmma operand; one kernel, scaled
+  output written by the kernel, except small N split over K: partial sums reduced by XLA).
 - GEMM (M > 16, prefill / training shapes, and decode shapes the GEMV cannot take): Pallas Mosaic
   GPU, `quantized_matmul_gpu_gemm` (int8 wgmma). Ternary weights are unpacked to int8 first: this
   path is bound by arithmetic, not by weight bytes.
@@ -91,11 +91,8 @@ def matmul(x, w, x_scale, w_scale, *, config, scaled: bool, out_dtype, interpret
   n = w.shape[0]
   ternary = w.dtype == jnp.uint32
   if isinstance(config, gemv.GemvConfig):
-    partials = gemv.gemv_partials(x, w, config, interpret=interpret)  # [S, N, Mp] int32
-    acc = jnp.sum(partials, axis=0)[:, :m].T  # [M, N]; columns >= M of the partials are padding
-    if ternary and not config.minus_one_mma:
-      acc = acc - gemv.x_row_sums(x)[:, None]
-    return _epilogue(acc, x_scale[:, None], w_scale[None, :], out_dtype) if scaled else acc
+    return gemv.gemv(x, w, x_scale, w_scale, config, scaled=scaled, out_dtype=out_dtype,
+                     interpret=interpret)
   if ternary:  # compute-bound: unpack once to int8, then the int8 MMA.
     w = ternary_pack.unpack_ternary(w)
   if isinstance(config, mosaic_gemm.GemmConfig):
