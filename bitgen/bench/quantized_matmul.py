@@ -7,7 +7,8 @@ Rows per shape (M, K, N), all computing x[M, K] @ w[N, K]^T:
 - xla_dequant: int8 weights dequantized to bf16 in the graph, then a bf16 dot;
 - xla_ternary_unpack: packed ternary unpacked to int8 in the graph, then the int8 dot;
 - ours_int8 / ours_ternary: `quantized_matmul(..., implementation="auto")` on pre-quantized int8 x;
-- qwix_int8: qwix's int8 dot, where qwix is installed.
+- qwix_int8: qwix's int8 dot, where qwix is installed;
+- xla_read_int8_weights: a max over each row of the int8 weights (reads them once: the memory floor).
 Timing: one jit runs the op over R distinct weight copies (so the weights come from HBM, not L2);
 the time per call is the slope between R = R0 and R = R1 runs (launch and sync costs cancel), the
 median of several trials. Before timing, every kernel is checked exact against the reference.
@@ -77,6 +78,7 @@ def _implementations(m, k, n, scales, implementation):
     return quantized_matmul(x, w, scales, implementation=implementation)
 
   rows = {
+      "xla_read_int8_weights": (lambda x, w: jnp.max(w, axis=1), "int8", "int8"),  # bandwidth floor
       "xla_bf16": (lambda x, w: jax.lax.dot_general(x, w, _NT), "bf16", "bf16"),
       "xla_int8": (xla_int8, "int8", "int8"),
       "xla_dequant": (lambda x, w: jax.lax.dot_general(
@@ -109,18 +111,35 @@ def _weights(kind, n, k, copies, key):
   return [_operand(kind, (n, k), kk) for kk in jax.random.split(key, copies)]
 
 
-def _check(m, k, n, seed, implementation):
-  """Exact int32 agreement of our implementation with the host's product, on fresh data.
+def _check(m, k, n, seed, run, kinds=("int8", "ternary")):
+  """Exact agreement of `run(x, w, scales)` with the host's product, on fresh data.
 
-  At most 512 rows (the same kernel path as M); float64 BLAS is exact here (|sums| < 2^53).
+  The int32 accumulator (scales None) exactly; the f32 output with random scales to rtol 1e-6. At
+  most 512 rows (the same kernel path as M); float64 BLAS is exact here (|sums| < 2^53).
   """
   rng = np.random.default_rng(seed)
   x = rng.integers(-128, 128, (min(m, 512), k), dtype=np.int8)
-  for w in (rng.integers(-128, 128, (n, k), dtype=np.int8), rng.integers(-1, 2, (n, k), dtype=np.int8)):
-    packed = ternary_pack.pack_ternary(jnp.asarray(w)) if w.max() <= 1 else jnp.asarray(w)
-    ours = jax.jit(lambda x, w: quantized_matmul(x, w, implementation=implementation))(jnp.asarray(x), packed)
-    if not np.array_equal(np.asarray(ours), x.astype(np.float64) @ w.T.astype(np.float64)):
-      raise AssertionError(f"quantized_matmul differs from the exact product at {(m, k, n)}, {packed.dtype}")
+  x_scale = rng.uniform(0.01, 1, (x.shape[0],)).astype(np.float32)
+  w_scale = rng.uniform(0.01, 1, (n,)).astype(np.float32)
+  for kind in kinds:
+    w = rng.integers(-1, 2, (n, k), dtype=np.int8) if kind == "ternary" else rng.integers(-128, 128, (n, k), dtype=np.int8)
+    packed = ternary_pack.pack_ternary(jnp.asarray(w)) if kind == "ternary" else jnp.asarray(w)
+    exact = x.astype(np.float64) @ w.T.astype(np.float64)
+    if not np.array_equal(np.asarray(run(jnp.asarray(x), packed, None)), exact):
+      raise AssertionError(f"int32 result differs from the exact product at {(m, k, n)}, {kind}")
+    out = np.asarray(run(jnp.asarray(x), packed, (jnp.asarray(x_scale), jnp.asarray(w_scale))))
+    want = exact * x_scale[:, None].astype(np.float64) * w_scale
+    if not np.allclose(out, want, rtol=1e-6, atol=0):
+      raise AssertionError(f"scaled result differs (rtol 1e-6) at {(m, k, n)}, {kind}: max rel "
+                           f"{np.max(np.abs(out - want) / np.maximum(np.abs(want), 1e-30)):.2e}")
+
+
+def _ours(implementation):
+  """run(x, w, scales) for `_check`: quantized_matmul with f32 output when scaled."""
+  def run(x, w, scales):
+    return jax.jit(lambda x, w, s: quantized_matmul(
+        x, w, s, out_dtype=None if s is None else jnp.float32, implementation=implementation))(x, w, scales)
+  return run
 
 
 def _warm_up(seconds: float = 2.0):
@@ -139,7 +158,7 @@ def run(shapes, trials: int, copies: int, implementation: str = "auto"):
   for name, m, k, n in shapes:
     key, kx, kw = jax.random.split(key, 3)
     try:
-      _check(m, k, n, m + k + n, implementation)
+      _check(m, k, n, m + k + n, _ours(implementation))
       wrong = ""
     except AssertionError as e:  # still timed (for debugging), but marked in every row of ours
       print(f"WRONG: {e}", flush=True)
@@ -162,36 +181,45 @@ def run(shapes, trials: int, copies: int, implementation: str = "auto"):
 
 
 def sweep(trials: int, copies: int):
-  """Times our GPU kernels over candidate block configs at the headline shapes."""
+  """Times our GPU kernels over candidate configs at the headline shapes, each checked exact first."""
   from bitgen.kernels import quantized_matmul_gpu as gpu
   from bitgen.kernels import quantized_matmul_gpu_gemm as mosaic_gemm
   from bitgen.kernels import quantized_matmul_gpu_gemv as gemv
-  gemv_configs = {  # (block_k, split_k, stages, minus_one_mma)
-      "ternary": [(2048, 2, 2, True), (2048, 2, 2, False)],
-      "int8": [(512, 2, 6)],
+  gemv_configs = {  # (block_k, split_k, stages); split_k 1: one kernel, scaled output in-kernel
+      "ternary": [(2048, 1, 3), (2048, 1, 2), (2048, 2, 2)],
+      "int8": [(512, 1, 6), (1024, 1, 3), (512, 2, 6), (256, 1, 8)],
   }
-  gemm = [  # (block_m, block_n, block_k, group_m, num_warps, num_stages)
-      (128, 256, 128, 8, 8, 3)]
+  gemm_configs = [mosaic_gemm.GemmConfig(), mosaic_gemm.GemmConfig(wgmma_in_flight=0),
+                  mosaic_gemm.GemmConfig(grid_tile_width=16)]
   cases = [((8, 8192, 8192), kind, [gemv.GemvConfig(*c) for c in configs])
            for kind, configs in gemv_configs.items()]
-  mosaic = [mosaic_gemm.GemmConfig()]
-  cases.append(((8192, 8192, 8192), "int8", [gpu.GemmConfig(*c) for c in gemm] + mosaic))
+  cases.append(((8192, 8192, 8192), "int8", gemm_configs))
   key = jax.random.key(1)
   results = []
   for (m, k, n), kind, configs in cases:
     x = _operand("int8", (m, k), key)
-    x_scale, w_scale = jnp.ones((m,), jnp.float32), jnp.ones((n,), jnp.float32)
+    scales = jnp.ones((m,), jnp.float32) / 127, jnp.ones((n,), jnp.float32) / 127
     weights = _weights(kind, n, k, max(4, min(copies, (4 << 30) // (2 * n * k))), key)
     for config in configs:
-      fn = lambda x, w, c=config: gpu.matmul(x, w, x_scale, w_scale, config=c, scaled=True,
-                                                  out_dtype=jnp.bfloat16)
+      def run(x, w, s, c=config):
+        xs, ws = s if s is not None else (jnp.ones((x.shape[0],), jnp.float32), jnp.ones((n,), jnp.float32))
+        return jax.jit(lambda x, w, xs, ws: gpu.matmul(
+            x, w, xs, ws, config=c, scaled=s is not None,
+            out_dtype=jnp.float32 if s is not None else jnp.int32))(x, w, xs, ws)
+      fn = lambda x, w, c=config: gpu.matmul(x, w, *scales, config=c, scaled=True, out_dtype=jnp.bfloat16)
       try:
-        seconds = _time_per_call(fn, x, weights, trials)
+        _check(m, k, n, 7, run, kinds=(kind,))
+        wrong = ""
+      except AssertionError as e:
+        print(f"WRONG: {config}: {e}", flush=True)
+        wrong = " (WRONG RESULT)"
       except Exception as e:  # a config the compiler rejects (e.g. too much shared memory)
-        print(f"sweep {kind} {config}: failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
+        print(f"sweep {kind} {config}: failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
         continue
-      results.append((f"sweep {kind}", m, k, n, str(config), seconds * 1e6, 2 * m * k * n / seconds / 1e12))
-      print(f"sweep {kind:8s} {config}: {seconds * 1e6:.1f} us", flush=True)
+      seconds = _time_per_call(fn, x, weights, trials)
+      results.append((f"sweep {kind}", m, k, n, str(config) + wrong, seconds * 1e6,
+                      2 * m * k * n / seconds / 1e12))
+      print(f"sweep {kind:8s} {config}{wrong}: {seconds * 1e6:.1f} us", flush=True)
     del weights
   return results
 

@@ -30,6 +30,7 @@ class GemmConfig:
   stages: int = 4  # TMA ring depth (48 KiB a stage); one less for int32 outputs (bigger epilogue)
   grid_tile_width: int = 8  # output tiles a snake column spans (L2 reuse)
   epi_tile: int = 64  # the epilogue writes (epi_tile, epi_tile) blocks, double-buffered
+  wgmma_in_flight: int = 1  # wgmmas left running at the end of a step (their stages held back)
 
 
 def default_config(k: int) -> GemmConfig | str:
@@ -71,9 +72,9 @@ def gemm(x, w, x_scale, w_scale, config: GemmConfig, *, scaled: bool, out_dtype,
         memory_registers=40,
         in_specs=[
             plgpu.BlockSpec((cta_m, tile_k), lambda t: (0, t), transforms=swizzled,
-                            memory_space=plgpu.SMEM),
+                            memory_space=plgpu.SMEM, delay_release=config.wgmma_in_flight),
             plgpu.BlockSpec((tile_n, tile_k), lambda t: (0, t), transforms=swizzled,
-                            memory_space=plgpu.SMEM),
+                            memory_space=plgpu.SMEM, delay_release=config.wgmma_in_flight),
         ],
         wg_axis="wg",
         num_compute_wgs=2,
@@ -125,7 +126,7 @@ def gemm(x, w, x_scale, w_scale, config: GemmConfig, *, scaled: bool, out_dtype,
 
         def mma(_, x_smem, w_smem, acc_ref):
           plgpu.wgmma(acc_ref, x_smem.at[pl.ds(wg * tile_m, tile_m)], w_smem.T)
-          plgpu.wgmma_wait(0)
+          plgpu.wgmma_wait(config.wgmma_in_flight)  # the tensor cores overlap consecutive steps
           return acc_ref
 
         get_pipeline(mma, compute_context)(

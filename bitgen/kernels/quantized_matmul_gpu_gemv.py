@@ -205,7 +205,7 @@ def _gemv_call(x, w, x_scale, w_scale, config: GemvConfig, *, scaled: bool, out_
   def step(acc_ref, _, x_smem, w_smem):
     # x_smem [Mp, bk] int8 (swizzled); w_smem [64, bk] int8 (swizzled) or [64, 128] int32 words.
     if ternary:
-      gathered = _gather_bytes(plgpu.load(w_smem, (), layout=_INT8_OPERAND))
+      gathered = _gather_bytes(plgpu.load(w_smem, layout=_INT8_OPERAND))
       for b in range(_BYTES):
         for shift in range(_BYTES):
           plane = _BYTES * b + shift
