@@ -1,15 +1,18 @@
 """Benchmark: binary attention (prefill) and packed-cache decode against cuDNN / XLA baselines.
 
-  python -m bitgen.bench.binary_attention [--quick] [--out table.md]
+  python -m bitgen.bench.binary_attention [--quick] [--prefill-only] [--out table.md]
+  python -m bitgen.bench.binary_attention --tune "qk_dtype=int8,bounded_softmax=0;h=128,causal=1"
 
-Prefill: ours (`binary_attention`, kernel of this backend, binarisation included; and the kernel
-alone on pre-binarised inputs) vs `jax.nn.dot_product_attention` cuDNN and XLA, bf16 forward.
+Prefill: ours (`binary_attention`, kernel of this backend, binarisation included; the kernel alone
+on pre-binarised inputs; and the kernel with 8-bit P V) vs `jax.nn.dot_product_attention` cuDNN and
+XLA, bf16 forward.
 Decode: one token over a 32k cache, packed keys (`binary_decode_attention`: the Pallas kernel and
 the XLA popcount reference) vs a bf16 K/V cache decode in XLA. Accuracy: max / mean |err| of ours against the f32 binary reference and against
 dense f32 attention on the unquantised inputs. Imports only jax (no data or config libraries).
 """
 
 import argparse
+import dataclasses
 import datetime
 import functools
 import math
@@ -70,6 +73,8 @@ def bench_prefill(batch, length, heads, head_dim, causal, rows, accuracy):
   qs, qsc = signs(q)
   ks, ksc = signs(k)
   kernel_only = jax.jit(functools.partial(ba._gpu_forward, causal=causal))
+  fp8_pv = jax.jit(functools.partial(ba._gpu_forward, causal=causal,
+                                     tuning=dataclasses.replace(ba.GPU_TUNING, pv_fp8=True)))
   cudnn = jax.jit(functools.partial(jax.nn.dot_product_attention, is_causal=causal,
                                     implementation="cudnn"))
   xla = jax.jit(functools.partial(jax.nn.dot_product_attention, is_causal=causal,
@@ -80,27 +85,28 @@ def bench_prefill(batch, length, heads, head_dim, causal, rows, accuracy):
                          ("ours: binary_attention (pallas_gpu)", ours, (q, k, v)),
                          ("ours: kernel only (pre-binarised)", kernel_only,
                           (qs, qsc, ks, ksc, v, None)),
+                         ("ours: kernel only, fp8 P V", fp8_pv, (qs, qsc, ks, ksc, v, None)),
                          ("XLA dot_product_attention", xla, (q, k, v))]:
     ms = _try(time_ms, fn, *args)
     tflops = flops / (ms * 1e-3) / 1e12 if isinstance(ms, float) else None
     rows.append((shape, name, _fmt(ms), "" if tflops is None else f"{tflops:.0f}"))
     print(rows[-1], flush=True)
 
-  if length <= 4096:  # the f32 references hold [B, N, T, S] scores: only at the smaller shapes
-    out = _try(lambda: ours(q, k, v).astype(jnp.float32))
+  if length > 4096:  # the f32 references hold [B, N, T, S] scores: only at the smaller shapes
+    return
+  f32 = [x.astype(jnp.float32) for x in (q, k, v)]
+  ref = jax.jit(functools.partial(ba.binary_attention_reference, mask=mask))(*f32)
+  with jax.default_matmul_precision("highest"):
+    dense = jax.jit(functools.partial(jax.nn.dot_product_attention, is_causal=causal))(*f32)
+  err = lambda a, b: f"{float(jnp.abs(a - b).max()):.2e} / {float(jnp.abs(a - b).mean()):.2e}"
+  for name, fn, args in [("binary_attention (pallas_gpu)", ours, (q, k, v)),
+                         ("kernel, fp8 P V", fp8_pv, (qs, qsc, ks, ksc, v, None))]:
+    out = _try(lambda: fn(*args).astype(jnp.float32))
     if isinstance(out, str):
-      accuracy.append((shape, out, "", "", ""))
-      return
-    f32 = [x.astype(jnp.float32) for x in (q, k, v)]
-    ref = jax.jit(functools.partial(ba.binary_attention_reference, mask=mask))(*f32)
-    with jax.default_matmul_precision("highest"):
-      dense = jax.jit(functools.partial(jax.nn.dot_product_attention, is_causal=causal))(*f32)
-    err_ref, err_dense = jnp.abs(out - ref), jnp.abs(out - dense)
-    ref_dense = jnp.abs(ref - dense)
-    accuracy.append((shape, f"{float(err_ref.max()):.2e} / {float(err_ref.mean()):.2e}",
-                     f"{float(err_dense.max()):.2e} / {float(err_dense.mean()):.2e}",
-                     f"{float(ref_dense.max()):.2e} / {float(ref_dense.mean()):.2e}",
-                     f"{float(jnp.abs(dense).mean()):.2e}"))
+      accuracy.append((shape, name, out, "", "", ""))
+    else:
+      accuracy.append((shape, name, err(out, ref), err(out, dense), err(ref, dense),
+                       f"{float(jnp.abs(dense).mean()):.2e}"))
     print(accuracy[-1], flush=True)
 
 
@@ -170,24 +176,46 @@ def decode_sweep():
       print(f"decode sweep B={batch} {tuning}: {_fmt(ms)} ms, max err vs XLA {err}", flush=True)
 
 
+def parse_tuning(spec: str):
+  """"key=value,..." -> (GpuTuning, shape options): GpuTuning fields (bools as 0/1) and the shape
+  keys h (head dim, 64), causal (0), scale (input std, 1: larger values take the online-max path)."""
+  fields = {f.name: f.type for f in dataclasses.fields(ba.GpuTuning)}
+  tuning, shape = {}, {"h": 64, "causal": 0, "scale": 1.0}
+  for item in filter(None, spec.split(",")):
+    key, value = item.split("=")
+    if key in shape:
+      shape[key] = type(shape[key])(value)
+    elif fields.get(key) in (bool, "bool"):
+      tuning[key] = bool(int(value))
+    elif fields.get(key) in (int, "int"):
+      tuning[key] = int(value)
+    elif key in fields:
+      tuning[key] = value
+    else:
+      raise ValueError(f"unknown tuning key {key!r} (GpuTuning fields: {sorted(fields)}, or h, "
+                       f"causal, scale)")
+  return ba.GpuTuning(**tuning), shape
+
+
 def tune(spec: str):
-  """One GpuTuning ("block_q,block_kv,steps,schedule[,magic]") at B=4 T=4096 N=16, H=64 and 128,
-  both masks: kernel-only ms and max |err| against the f32 reference (a wrong config shows here)."""
-  block_q, block_kv, steps, schedule, *magic = (int(x) for x in spec.split(","))
-  tuning = ba.GpuTuning(block_q, block_kv, steps, bool(schedule), *map(bool, magic))
-  for head_dim in (64, 128):
-    for causal in (False, True):
-      keys = jax.random.split(jax.random.key(head_dim), 3)
-      q, k, v = (jax.random.normal(key, (4, 4096, 16, head_dim), jnp.bfloat16) for key in keys)
-      qs, qsc = ba.binarize(q, "per_head")
-      ks, ksc = ba.binarize(k, "per_head")
-      fn = jax.jit(functools.partial(ba._gpu_forward, causal=causal, tuning=tuning))
-      ms = time_ms(fn, qs, qsc, ks, ksc, v, None)
-      out = fn(qs, qsc, ks, ksc, v, None)[:1].astype(jnp.float32)
-      f32 = [x[:1].astype(jnp.float32) for x in (q, k, v)]
-      ref = ba.binary_attention_reference(*f32, mask="causal" if causal else None)
-      print(f"tune {spec} H={head_dim} causal={causal}: {ms:.3f} ms, "
-            f"max err {float(jnp.abs(out - ref).max()):.2e}", flush=True)
+  """One tuning at B=4 T=4096 N=16: kernel-only ms and max / mean |err| against the f32 binary
+  reference on batch 0 (a wrong config shows here)."""
+  tuning, shape = parse_tuning(spec)
+  head_dim, causal = shape["h"], bool(shape["causal"])
+  keys = jax.random.split(jax.random.key(head_dim), 3)
+  q, k, v = (jax.random.normal(key, (4, 4096, 16, head_dim), jnp.float32) for key in keys)
+  q, k = shape["scale"] * q, shape["scale"] * k
+  q, k, v = (x.astype(jnp.bfloat16) for x in (q, k, v))
+  qs, qsc = ba.binarize(q, "per_head")
+  ks, ksc = ba.binarize(k, "per_head")
+  fn = jax.jit(functools.partial(ba._gpu_forward, causal=causal, tuning=tuning))
+  ms = time_ms(fn, qs, qsc, ks, ksc, v, None)
+  out = fn(qs, qsc, ks, ksc, v, None)[:1].astype(jnp.float32)
+  f32 = [x[:1].astype(jnp.float32) for x in (q, k, v)]
+  ref = ba.binary_attention_reference(*f32, mask="causal" if causal else None)
+  err = jnp.abs(out - ref)
+  print(f"tune [{spec}] H={head_dim} causal={causal}: {ms:.3f} ms, max err {float(err.max()):.2e}"
+        f", mean err {float(err.mean()):.2e}", flush=True)
 
 
 def _table(header, rows):
@@ -199,8 +227,9 @@ def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--quick", action="store_true", help="first prefill shape, decode B=8 only")
   parser.add_argument("--out", help="also write the markdown tables to this file")
-  parser.add_argument("--tune", help="time GPU kernel tunings: block_q,block_kv,steps,schedule"
-                      "[,magic] (several separated by ';')")
+  parser.add_argument("--tune", help="time GPU kernel tunings: key=value,... (GpuTuning fields, "
+                      "h, causal, scale; several separated by ';')")
+  parser.add_argument("--prefill-only", action="store_true", help="skip the decode tables")
   parser.add_argument("--decode-only", action="store_true", help="skip the prefill tables")
   parser.add_argument("--decode-sweep", action="store_true", help="time DECODE_SWEEP tunings")
   args = parser.parse_args(argv)
@@ -215,7 +244,7 @@ def main(argv=None):
             f"date {datetime.date.today().isoformat()}")
   print(header, flush=True)
   prefill, accuracy, decode, decode_accuracy = [], [], [], []
-  for batch in DECODE_BATCHES[:1] if args.quick else DECODE_BATCHES:
+  for batch in [] if args.prefill_only else DECODE_BATCHES[:1] if args.quick else DECODE_BATCHES:
     bench_decode(batch, decode, decode_accuracy)
   for config in [] if args.decode_only else PREFILL[:1] if args.quick else PREFILL:
     bench_prefill(*config, prefill, accuracy)
@@ -226,8 +255,8 @@ def main(argv=None):
       _table(("shape", "implementation", "ms", "TFLOP/s"), prefill),
       "Accuracy (bf16 inputs; max / mean |difference|; 'dense' = f32 softmax attention on the "
       "unquantised q, k):",
-      _table(("shape", "ours vs f32 binary reference", "ours vs dense", "f32 binary reference "
-              "vs dense", "mean |dense|"), accuracy),
+      _table(("shape", "ours", "ours vs f32 binary reference", "ours vs dense",
+              "f32 binary reference vs dense", "mean |dense|"), accuracy),
       "Decode, one token over a full cache, bf16 V (GB/s counts the cache bytes read once; "
       "speedups over the bf16 K/V XLA decode):",
       _table(("shape", "ours: Pallas kernel ms", "GB/s", "ours: XLA popcount ms", "GB/s",

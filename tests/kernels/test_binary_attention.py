@@ -1,6 +1,8 @@
 """Binary attention: official BinaryAttention fixture, every CPU-runnable implementation vs the
 reference (forward and gradients, masks, odd shapes), fallback rules, sign packing."""
 
+import dataclasses
+import functools
 import importlib.util
 import logging
 import os
@@ -251,6 +253,92 @@ def test_tpu_kernel_compiles_for_real_generations(topology, mask, monkeypatch):
   fn = jax.jit(lambda q, k, v: binary_attention(q, k, v, mask=m))
   compiled = fn.trace(shape, shape, shape).lower(lowering_platforms=("tpu",)).compile()
   assert "tpu_custom_call" in compiled.as_text()
+
+
+# ------------------------------------------------------------------------ GPU kernel pieces on CPU
+
+
+def test_gpu_polynomial_exp2_is_accurate():
+  x = jnp.concatenate([-jnp.linspace(0, 125, 100_001), jnp.array([-jnp.inf, -1e30])])
+  got = np.asarray(ba._exp2_fma(x), np.float64)
+  want = np.exp2(np.asarray(x, np.float64))
+  assert np.all(got >= 0) and np.all(got[-2:] <= 2.0**-125)
+  np.testing.assert_allclose(got[:-2], want[:-2], rtol=1e-4, atol=0)
+
+
+def test_gpu_bound_applies_only_where_exp2_cannot_underflow():
+  shape = (2, 256, 2, 64)
+  q, k, _ = _qkv(jax.random.key(11), shape)
+  q = q.at[1].multiply(30.0)  # batch 1: scores up to H * s_q s_k / sqrt(H) ~ 200 (log2 units)
+  for mode in ("per_head", "per_token"):
+    (_, q_scale), (_, k_scale) = ba.binarize(q, mode), ba.binarize(k, mode)
+    for p_dtype, limit in ((jnp.bfloat16, 100.0), (jnp.float8_e4m3fn, 14.0)):
+      consts, vectors = ba._gpu_factors(q_scale, k_scale, p_dtype, jnp.float32(1), 2, 256, 256, 2,
+                                        64)
+      assert consts.shape == (2, 2, 4) and (vectors is None) == (mode == "per_head")
+      # The shift bounds every logit: H * factor (per token: H * max over the tile's factors).
+      row, col = ba._kernel_factors(q_scale, k_scale, 2, 256, 256, 2, 64)
+      largest = 64 * np.log2(np.e) * (row.max(-1) * col.max(-1))  # [B, N]
+      np.testing.assert_allclose(consts[..., 1], largest, rtol=1e-5)
+      np.testing.assert_array_equal(consts[..., 2], 2 * largest <= limit)
+      assert consts[0, :, 2].all() or p_dtype == jnp.float8_e4m3fn
+      assert not consts[1, :, 2].any()
+
+
+@pytest.mark.parametrize("tuning,mask,scale_mode", [
+    (ba.GpuTuning(), "causal", "per_token"),
+    (ba.GpuTuning(qk_dtype="int8", bounded_softmax=False, schedule_barrier=False), "none",
+     "per_head"),
+    (ba.GpuTuning(pv_fp8=True, poly_exp_cols=32), "none", "per_head"),
+])
+def test_gpu_kernel_lowers_for_cuda_on_cpu(tuning, mask, scale_mode):
+  """The Mosaic GPU kernel traces and lowers (no GPU needed): catches API drift in CI."""
+  shape = jax.ShapeDtypeStruct((1, 256, 2, 128), jnp.bfloat16)
+  scale = jax.ShapeDtypeStruct((1, 256 if scale_mode == "per_token" else 1, 2, 1), jnp.float32)
+  fn = jax.jit(functools.partial(ba._gpu_forward, causal=mask == "causal", tuning=tuning))
+  text = fn.trace(shape, scale, shape, scale, shape, None).lower(
+      lowering_platforms=("cuda",)).as_text()
+  assert "mosaic_gpu" in text
+
+
+# ------------------------------------------------------------------------------ GPU on device
+
+
+def _check_gpu_tuning(tuning, shape, mask, scale_mode, atol, input_scale=1.0):
+  q, k, v = _qkv(jax.random.key(12), shape)
+  q, k = input_scale * q, input_scale * k
+  (qs, qsc), (ks, ksc) = ba.binarize(q, scale_mode), ba.binarize(k, scale_mode)
+  v16 = v.astype(jnp.bfloat16)
+  got = ba._gpu_forward(qs, qsc, ks, ksc, v16, None, causal=mask == "causal", tuning=tuning)
+  want = binary_attention_reference(q, k, v16.astype(jnp.float32), mask=MASKS[mask](shape[1]),
+                                    scale_mode=scale_mode)
+  err = np.abs(np.asarray(got, np.float32) - np.asarray(want))
+  assert err.max() <= atol, (tuning, float(err.max()), float(err.mean()))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("tuning,atol", [
+    (ba.GpuTuning(qk_dtype="int8"), 2e-2),
+    (ba.GpuTuning(bounded_softmax=False), 2e-2),
+    (ba.GpuTuning(schedule_barrier=False), 2e-2),
+    (ba.GpuTuning(poly_exp_cols=32), 2e-2),
+    (ba.GpuTuning(pv_fp8=True), 6e-2),
+])
+@pytest.mark.parametrize("mask,scale_mode", [("none", "per_head"), ("causal", "per_token")])
+def test_gpu_kernel_tunings_match_reference(tuning, atol, mask, scale_mode):
+  if jax.default_backend() != "gpu":
+    pytest.skip("needs a CUDA GPU")
+  _check_gpu_tuning(tuning, (1, 512, 2, 64), mask, scale_mode, atol)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("pv_fp8", [False, True])
+def test_gpu_kernel_large_scores_take_the_online_max(pv_fp8):
+  """Scores up to ~400 (log2 units): the bound would underflow, the kernel must use the running max."""
+  if jax.default_backend() != "gpu":
+    pytest.skip("needs a CUDA GPU")
+  _check_gpu_tuning(ba.GpuTuning(pv_fp8=pv_fp8), (1, 256, 2, 64), "causal", "per_head",
+                    6e-2 if pv_fp8 else 2e-2, input_scale=30.0)
 
 
 @pytest.mark.gpu
