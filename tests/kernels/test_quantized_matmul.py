@@ -166,14 +166,15 @@ def test_gpu_routing_takes_any_m_and_n(m, n):
   assert _gpu_kernel_name(reason) == "refused" and "K % 128" in reason and "K=48" in reason
 
 
-def test_gpu_gemv_split_covers_the_multiprocessors():
+def test_gpu_gemv_split_k_only_where_the_channel_blocks_leave_multiprocessors_idle():
   from bitgen.kernels import quantized_matmul_gpu as gpu
   from bitgen.kernels import quantized_matmul_gpu_gemv as gemv
-  for ternary in (False, True):
-    config = gpu.default_config(8, 8192, 8192, ternary)
-    assert (8192 // gemv.ROWS) * config.split_k >= 128 and 8192 % (config.split_k * config.block_k) == 0
+  for ternary in (False, True):  # 128 blocks of 64 channels: one K slice, one kernel
+    assert gpu.default_config(8, 8192, 8192, ternary).split_k == 1
   config = gpu.default_config(3, 8192, 96, False)  # 2 blocks of 64 channels: as many slices as K allows
   assert config.split_k == 8192 // config.block_k
+  config = gpu.default_config(8, 8192, 2048, False)  # 32 blocks: slices until half the SMs are busy
+  assert (2048 // gemv.ROWS) * config.split_k >= 66 and 8192 % (config.split_k * config.block_k) == 0
 
 
 def test_triton_gemm_only_with_an_explicit_config_that_fits():
