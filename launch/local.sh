@@ -35,7 +35,7 @@ case "$cmd" in
   test)
     setup test
     set +e
-    .venv/bin/python -m pytest -m "not gpu and not slow and not tpu_compile" "$@"
+    .venv/bin/python -m pytest -m "not gpu and not slow and not tpu_compile" --durations=15 "$@"
     rc=$?
     [ $rc -eq 5 ] && { echo "no tests collected" >&2; exit 1; }
     exit $rc ;;
