@@ -10,8 +10,9 @@ Rows per shape (M, K, N), all computing x[M, K] @ w[N, K]^T:
 - qwix_int8: qwix's int8 dot, where qwix is installed;
 - xla_read_int8_weights: a max over each row of the int8 weights (reads them once: the memory floor).
 Timing: one jit runs the op over R distinct weight copies (so the weights come from HBM, not L2);
-the time per call is the slope between R = R0 and R = R1 runs (launch and sync costs cancel), the
-median of several trials. Before timing, every kernel is checked exact against the reference.
+"slope" is the host time per call, the slope between R = 2 and R runs (fixed costs cancel, launch
+costs do not: short kernels are bound by the host's launches), the median of several trials; "GPU
+time" is the kernels' own time per call (CUPTI, through Mosaic GPU's profiler). Before timing, every kernel is checked exact against the reference.
 Needs only jax (no tfds/grain/ml_collections).
 """
 
@@ -45,8 +46,13 @@ SHAPE_SETS = {
 }
 
 
-def _time_per_call(fn, x, weights, trials: int) -> float:
-  """Seconds per call of fn(x, w): slope of the time of one jit over few vs many weight copies."""
+def _time_per_call(fn, x, weights, trials: int) -> tuple[float, float | None]:
+  """Seconds per call of fn(x, w): (slope, GPU time).
+
+  slope: of the host time of one jit over 2 vs all weight copies (launch and host costs included,
+  fixed costs cancel); GPU time: the kernels' own time (CUPTI, the sum of the kernels of the jit
+  over all copies, divided by their number; None where CUPTI is unavailable).
+  """
   def many(x, ws):
     return [fn(x, w) for w in ws]
   r0, r1 = 2, len(weights)
@@ -61,7 +67,17 @@ def _time_per_call(fn, x, weights, trials: int) -> float:
       jax.block_until_ready(jitted(x, ws))
       samples.append(time.perf_counter() - start)
     times[r] = statistics.median(samples)
-  return (times[r1] - times[r0]) / (r1 - r0)
+  return (times[r1] - times[r0]) / (r1 - r0), _gpu_time(jitted, x, weights, trials)
+
+
+def _gpu_time(jitted, x, weights, trials: int) -> float | None:
+  try:
+    from jax.experimental.mosaic.gpu import profiler
+    _, runs_ms = profiler.measure(jitted, iterations=trials)(x, weights)
+  except Exception as e:  # no CUPTI (or not a GPU)
+    print(f"no GPU time: {type(e).__name__}: {str(e)[:120]}", flush=True)
+    return None
+  return None if runs_ms is None else statistics.median(runs_ms) / 1e3 / len(weights)
 
 
 def _implementations(m, k, n, scales, implementation):
@@ -171,29 +187,29 @@ def run(shapes, trials: int, copies: int, implementation: str = "auto"):
     for label, (fn, w_kind, x_kind) in _implementations(m, k, n, scales, implementation).items():
       if w_kind not in weight_sets:
         weight_sets[w_kind] = _weights(w_kind, n, k, copies_here, kw)
-      seconds = _time_per_call(fn, _operand(x_kind, (m, k), kx), weight_sets[w_kind], trials)
-      ops = 2 * m * k * n
+      seconds, gpu = _time_per_call(fn, _operand(x_kind, (m, k), kx), weight_sets[w_kind], trials)
       label += wrong if label.startswith("ours") else ""
-      results.append((name, m, k, n, label, seconds * 1e6, ops / seconds / 1e12))
-      print(f"{name:24s} {label:20s} {seconds * 1e6:10.1f} us {ops / seconds / 1e12:8.1f} TOP/s", flush=True)
+      results.append(_row(name, m, k, n, label, seconds, gpu))
     del weight_sets
   return results
 
 
-def sweep(trials: int, copies: int):
-  """Times our GPU kernels over candidate configs at the headline shapes, each checked exact first."""
+def sweep(trials: int, copies: int, sets=("gemv", "gemm")):
+  """Times our GPU kernels over candidate configs at the headline shapes of `sets`, each checked exact
+  first."""
   from bitgen.kernels import quantized_matmul_gpu as gpu
   from bitgen.kernels import quantized_matmul_gpu_gemm as mosaic_gemm
   from bitgen.kernels import quantized_matmul_gpu_gemv as gemv
   gemv_configs = {  # (block_k, split_k, stages); split_k 1: one kernel, scaled output in-kernel
       "ternary": [(2048, 1, 3), (2048, 1, 2), (2048, 2, 2)],
-      "int8": [(512, 1, 6), (1024, 1, 3), (512, 2, 6), (256, 1, 8)],
+      "int8": [(512, 1, 6), (1024, 1, 3), (512, 2, 6)],
   }
   gemm_configs = [mosaic_gemm.GemmConfig(), mosaic_gemm.GemmConfig(wgmma_in_flight=0),
                   mosaic_gemm.GemmConfig(grid_tile_width=16)]
   cases = [((8, 8192, 8192), kind, [gemv.GemvConfig(*c) for c in configs])
-           for kind, configs in gemv_configs.items()]
-  cases.append(((8192, 8192, 8192), "int8", gemm_configs))
+           for kind, configs in gemv_configs.items() if "gemv" in sets]
+  if "gemm" in sets:
+    cases.append(((8192, 8192, 8192), "int8", gemm_configs))
   key = jax.random.key(1)
   results = []
   for (m, k, n), kind, configs in cases:
@@ -216,20 +232,29 @@ def sweep(trials: int, copies: int):
       except Exception as e:  # a config the compiler rejects (e.g. too much shared memory)
         print(f"sweep {kind} {config}: failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
         continue
-      seconds = _time_per_call(fn, x, weights, trials)
-      results.append((f"sweep {kind}", m, k, n, str(config) + wrong, seconds * 1e6,
-                      2 * m * k * n / seconds / 1e12))
-      print(f"sweep {kind:8s} {config}{wrong}: {seconds * 1e6:.1f} us", flush=True)
+      seconds, gpu = _time_per_call(fn, x, weights, trials)
+      results.append(_row(f"sweep {kind}", m, k, n, str(config) + wrong, seconds, gpu))
     del weights
   return results
+
+
+def _row(name, m, k, n, label, seconds, gpu_seconds):
+  """A result row (times in us, TOP/s from the GPU time where there is one), printed as it comes."""
+  best = gpu_seconds if gpu_seconds else seconds
+  row = (name, m, k, n, label, seconds * 1e6, gpu_seconds * 1e6 if gpu_seconds else float("nan"),
+         2 * m * k * n / best / 1e12)
+  print(f"{name:24s} {label:20s} slope {row[5]:9.1f} us  GPU {row[6]:9.1f} us {row[7]:8.1f} TOP/s",
+        flush=True)
+  return row
 
 
 def markdown(results) -> str:
   device = jax.devices()[0].device_kind
   lines = [f"Device: {device}; jax {jax.__version__}; {datetime.date.today().isoformat()}", "",
-           "| shape | M | K | N | implementation | time (us) | TOP/s |", "|---|---|---|---|---|---|---|"]
-  for name, m, k, n, label, us, tops in results:
-    lines.append(f"| {name} | {m} | {k} | {n} | {label} | {us:.1f} | {tops:.1f} |")
+           "| shape | M | K | N | implementation | slope (us) | GPU time (us) | TOP/s |",
+           "|---|---|---|---|---|---|---|---|"]
+  for name, m, k, n, label, us, gpu_us, tops in results:
+    lines.append(f"| {name} | {m} | {k} | {n} | {label} | {us:.1f} | {gpu_us:.1f} | {tops:.1f} |")
   return "\n".join(lines)
 
 
@@ -238,7 +263,8 @@ def main(argv=None):
   parser.add_argument("--quick", action="store_true", help="small shapes (a smoke run, e.g. on CPU)")
   parser.add_argument("--trials", type=int, default=5)
   parser.add_argument("--copies", type=int, default=64, help="at most this many weight copies")
-  parser.add_argument("--sweep", action="store_true", help="also time candidate GPU block configs")
+  parser.add_argument("--sweep", action="store_true",
+                      help="also time candidate GPU configs (of the gemv / gemm sets in --shapes)")
   parser.add_argument("--shapes", default="gemv,gemm,inf2b_decode,inf2b_prefill",
                       help="comma-separated sets: " + ", ".join(SHAPE_SETS))
   args = parser.parse_args(argv)
@@ -248,7 +274,7 @@ def main(argv=None):
     shapes = [shape for name in args.shapes.split(",") for shape in SHAPE_SETS[name]]
   backend = jax.default_backend()
   implementation = backend if backend in ("gpu", "tpu") else "auto"  # a kernel, never a silent fallback
-  results = sweep(args.trials, args.copies) if args.sweep else []
+  results = sweep(args.trials, args.copies, args.shapes.split(",")) if args.sweep else []
   results += run(shapes, args.trials, args.copies, implementation)
   print()
   print(markdown(results))
