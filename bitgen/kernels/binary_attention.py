@@ -400,6 +400,9 @@ _BOUND_LIMIT = {jnp.dtype(jnp.bfloat16): 100.0, jnp.dtype(jnp.float16): 14.0,
 _FP8_P_EXPONENT = 8.0
 # Scale factors are floored here so that a zero scale never multiplies a masked -inf into NaN.
 _MIN_FACTOR = 1e-30
+# Per-(batch, head) constants are padded to 128 bytes: bulk copies into shared memory need
+# 128-byte aligned destinations.
+_CONSTS_WIDTH = 32
 
 
 def _gpu_unsupported_reason(q, k, v, mask: _Mask) -> str | None:
@@ -444,7 +447,7 @@ def _exp2_fma(x):
 
 
 def _gpu_factors(q_scale, k_scale, p_dtype, v_scale, batch, q_len, kv_len, heads, head_dim):
-  """Kernel constants. Per (batch, head): (factor, shift, use_bound, v_scale) as [B, N, 4] f32; per
+  """Kernel constants. Per (batch, head): (factor, shift, use_bound, v_scale, 0...) as [B, N, 32]; per
   token also row factors and row shifts [B, N, T] and column factors [B, N, S] (else None)."""
   row, col = _kernel_factors(q_scale, k_scale, batch, q_len, kv_len, heads, head_dim)
   row = jnp.maximum(row * math.log2(math.e), _MIN_FACTOR)  # [B, N, T]
@@ -459,6 +462,7 @@ def _gpu_factors(q_scale, k_scale, p_dtype, v_scale, batch, q_len, kv_len, heads
     vectors = (row, row_shift, col)
   use_bound = (2 * shift <= _BOUND_LIMIT[jnp.dtype(p_dtype)]).astype(jnp.float32)
   consts = jnp.stack([factor, shift, use_bound, jnp.broadcast_to(v_scale, shift.shape)], axis=-1)
+  consts = jnp.pad(consts, ((0, 0), (0, 0), (0, _CONSTS_WIDTH - 4)))
   return consts, vectors
 
 
@@ -499,7 +503,7 @@ def _gpu_forward(q_sign, q_scale, k_sign, k_scale, v, segments, *, causal,
     b, n, tile = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("q_seq")
     wg = lax.axis_index("wg")
     smem, barriers = scoped
-    q_smem2, o_smem2, consts_smem2, k_smem, v_smem, rows_smem2, col_smem, p_smem2 = smem
+    q_smem2, o_smem2, k_smem, v_smem, p_smem2, consts_smem2, rows_smem2, col_smem = smem
     q_barriers, k_barriers, v_barriers, col_barriers, k_consumed, v_consumed, schedule = barriers
 
     def rendezvous():
@@ -661,14 +665,16 @@ def _gpu_forward(q_sign, q_scale, k_sign, k_scale, v, segments, *, causal,
     qk_tf, v_tf = _smem_transforms(qk_dtype, head_dim), _smem_transforms(dtype, head_dim)
     p8_tf = _smem_transforms(jnp.float8_e4m3fn, block_kv)
     v_tile = (head_dim, block_kv) if tuning.pv_fp8 else (block_kv, head_dim)
+    # Swizzled tiles first (each a multiple of 1 KiB, so every one stays swizzle-aligned), then the
+    # f32 vectors (slots of multiples of 128 bytes).
     smem = (plgpu.SMEM((2, block_q, head_dim), qk_dtype, transforms=qk_tf),
             plgpu.SMEM((2, block_q, head_dim), dtype, transforms=v_tf),
-            plgpu.SMEM((2, 4), jnp.float32),
             plgpu.SMEM((steps, block_kv, head_dim), qk_dtype, transforms=qk_tf),
             plgpu.SMEM((steps, *v_tile), v_in.dtype, transforms=p8_tf if tuning.pv_fp8 else v_tf),
+            plgpu.SMEM((2, block_q, block_kv), p_dtype, transforms=p8_tf) if tuning.pv_fp8 else None,
+            plgpu.SMEM((2, _CONSTS_WIDTH), jnp.float32),
             plgpu.SMEM((2, 2, block_q), jnp.float32) if per_token else None,
-            plgpu.SMEM((steps, block_kv), jnp.float32) if per_token else None,
-            plgpu.SMEM((2, block_q, block_kv), p_dtype, transforms=p8_tf) if tuning.pv_fp8 else None)
+            plgpu.SMEM((steps, block_kv), jnp.float32) if per_token else None)
     barriers = (plgpu.Barrier(num_barriers=8),  # 4 per compute warpgroup: q, consts, row vectors
                 *(plgpu.Barrier(num_barriers=steps) for _ in range(3)),
                 *(plgpu.Barrier(num_arrivals=2, num_barriers=steps) for _ in range(2)),

@@ -275,7 +275,7 @@ def test_gpu_bound_applies_only_where_exp2_cannot_underflow():
     for p_dtype, limit in ((jnp.bfloat16, 100.0), (jnp.float8_e4m3fn, 14.0)):
       consts, vectors = ba._gpu_factors(q_scale, k_scale, p_dtype, jnp.float32(1), 2, 256, 256, 2,
                                         64)
-      assert consts.shape == (2, 2, 4) and (vectors is None) == (mode == "per_head")
+      assert consts.shape == (2, 2, 32) and (vectors is None) == (mode == "per_head")
       # The shift bounds every logit: H * factor (per token: H * max over the tile's factors).
       row, col = ba._kernel_factors(q_scale, k_scale, 2, 256, 256, 2, 64)
       largest = 64 * np.log2(np.e) * (row.max(-1) * col.max(-1))  # [B, N]
