@@ -95,13 +95,13 @@ class Condition:
   """What every position of a batch is conditioned on.
 
   cond: [B, C] pooled text (start token and AdaLN input); shared_gss: [B, 1, 6, C] shared AdaLN;
-  text: [B, S, C] cross-attention keys/values; text_valid: [B, S] bool.
+  text: [B, S, C] cross-attention keys/values, of which the first text_lengths [B] are valid.
   """
 
   cond: jax.Array
   shared_gss: jax.Array
   text: jax.Array
-  text_valid: jax.Array
+  text_lengths: jax.Array
 
   def concat(self, other: "Condition") -> "Condition":
     """Stacks two conditions along the batch (CFG: [conditional; unconditional])."""
@@ -179,15 +179,15 @@ class Infinity(nnx.Module):
       text = self.class_emb[...][labels][:, None, :]
       text_lengths = jnp.ones(labels.shape, jnp.int32)
     text = text.astype(self.cfg_uncond[...].dtype)  # bfloat16 weights compute in bfloat16
-    text_lengths = jnp.asarray(text_lengths)
+    text_lengths = jnp.asarray(text_lengths, jnp.int32)
     if drop is not None:
       null = self.cfg_uncond[...][:text.shape[1]]
       text = jnp.where(jnp.asarray(drop)[:, None, None], null[None], text)
-    valid = jnp.arange(text.shape[1])[None, :] < text_lengths[:, None]  # [B, S]
     text = self.text_norm(text)
-    cond = self.text_proj_for_sos(text, valid)
+    cond = self.text_proj_for_sos(text, text_lengths)
     shared_gss = self.shared_ada_lin(jax.nn.silu(cond)).reshape(cond.shape[0], 1, 6, -1)
-    return Condition(cond=cond, shared_gss=shared_gss, text=self.text_proj_for_ca(text), text_valid=valid)
+    return Condition(cond=cond, shared_gss=shared_gss, text=self.text_proj_for_ca(text),
+                     text_lengths=text_lengths)
 
   # -- teacher forcing ----------------------------------------------------------------------------
 
@@ -227,7 +227,7 @@ class Infinity(nnx.Module):
     mask = jnp.asarray(scale[:, None] >= scale[None, :])[None, None]  # [1, 1, L, L] block-causal
     cos, sin = self.rope(schedule)
     for block in self.blocks:
-      x = block(x, condition.shared_gss, condition.text, condition.text_valid, cos, sin, mask)
+      x = block(x, condition.shared_gss, condition.text, condition.text_lengths, cos, sin, mask)
     return self.logits(x, condition)
 
 
@@ -238,8 +238,8 @@ class TextAttentivePool(nnx.Module):
     self.ca = blocks.CrossAttention(config.embed_dim, config.text_channels, config.pool_heads, rngs=rngs,
                                     pooled=True, linear_kind=config.linear, attention_kind=config.attention)
 
-  def __call__(self, text: jax.Array, valid: jax.Array) -> jax.Array:
-    return self.ca(None, text, valid)[:, 0]
+  def __call__(self, text: jax.Array, lengths: jax.Array) -> jax.Array:
+    return self.ca(None, text, lengths)[:, 0]
 
 
 class TextProjection(nnx.Module):

@@ -41,12 +41,20 @@ def attention(
     *,
     bias: jax.Array | None = None,
     mask: jax.Array | None = None,
+    kv_lengths: jax.Array | None = None,
     kind: AttentionKind = "dense",
 ) -> jax.Array:
-  """q: [B, T, N, H], k/v: [B, S, N, H], bias: broadcastable to [B, N, T, S] -> [B, T, N, H]."""
+  """q: [B, T, N, H], k/v: [B, S, N, H], bias: broadcastable to [B, N, T, S] -> [B, T, N, H].
+
+  kv_lengths: [B] int32, keys at positions >= the length are masked (padded key sequences). Unlike
+  an equivalent boolean mask it keeps cuDNN flash attention in play for dense attention.
+  """
   if kind == "dense":
-    return jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask,
+    return jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, key_value_seq_lengths=kv_lengths,
                                         implementation=dense_implementation(q, bias, mask))
   if kind == "binary":
+    if kv_lengths is not None:
+      valid = (jnp.arange(k.shape[1])[None, :] < kv_lengths[:, None])[:, None, None, :]  # [B, 1, 1, S]
+      mask = valid if mask is None else jnp.logical_and(mask, valid)
     return binary_attention(q, k, v, bias=bias, mask=mask)
   raise ValueError(f"unknown attention kind {kind!r}; expected one of {AttentionKind.__args__}")

@@ -5,7 +5,7 @@
   after the normalisation, softmax without further scaling.
 - `CrossAttention`: q from the image tokens (or one learned query per head for the attentive text
   pool), k/v from the projected text features, standard 1/sqrt(head_dim) scaling, padded text
-  masked by its lengths.
+  masked by its lengths (`kv_lengths`, so that cuDNN flash attention applies on GPU).
 - `CrossAttnBlock`: shared AdaLN (the block's learned `ada_gss` + the shared condition projection)
   around self-attention and the FFN; a plain pre-LN cross-attention in between.
 - `AdaLNBeforeHead`: AdaLN with its own condition projection before the output head.
@@ -141,7 +141,7 @@ class SelfAttention(nnx.Module):
 
 
 class CrossAttention(nnx.Module):
-  """Attention from queries to padded key/value features [B, S, kv_width] with a [B, S] validity mask.
+  """Attention from queries to padded key/value features [B, S, kv_width], the first kv_lengths [B] valid.
 
   `pooled=True` is the official attentive text pool: one learned query per head, output [B, 1, C].
   """
@@ -159,7 +159,7 @@ class CrossAttention(nnx.Module):
     self.v_bias = param(nnx.initializers.zeros_init(), (width,), ("heads",), rngs)
     self.proj = linear(width, width, rngs=rngs, kind=linear_kind, axes=("heads", "embed"))
 
-  def __call__(self, x: jax.Array | None, kv: jax.Array, kv_valid: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array | None, kv: jax.Array, kv_lengths: jax.Array) -> jax.Array:
     batch = kv.shape[0]
     bias = jnp.concatenate([jnp.zeros_like(self.v_bias[...]), self.v_bias[...]])
     kv = (self.mat_kv(kv) + bias).reshape(batch, kv.shape[1], 2, self.heads, self.head_dim)
@@ -167,8 +167,7 @@ class CrossAttention(nnx.Module):
       q = jnp.broadcast_to(self.mat_q[...], (batch, *self.mat_q.shape))
     else:
       q = self.mat_q(x).reshape(*x.shape[:-1], self.heads, self.head_dim)
-    mask = kv_valid[:, None, None, :]  # [B, 1, 1, S]
-    out = attention(q, kv[:, :, 0], kv[:, :, 1], mask=mask, kind=self.attention_kind)
+    out = attention(q, kv[:, :, 0], kv[:, :, 1], kv_lengths=kv_lengths, kind=self.attention_kind)
     return self.proj(out.reshape(*out.shape[:-2], -1))
 
 
@@ -199,14 +198,14 @@ class CrossAttnBlock(nnx.Module):
     gss = self.ada_gss[...] + shared_gss
     return [gss[:, :, i] for i in range(6)]
 
-  def __call__(self, x: jax.Array, shared_gss: jax.Array, text: jax.Array, text_valid: jax.Array,
+  def __call__(self, x: jax.Array, shared_gss: jax.Array, text: jax.Array, text_lengths: jax.Array,
                cos: jax.Array, sin: jax.Array, mask: jax.Array | None) -> jax.Array:
     gamma1, gamma2, scale1, scale2, shift1, shift2 = self.modulation(shared_gss)
     x = x + self.sa(plain_layer_norm(x, self.norm_eps) * (scale1 + 1) + shift1, cos, sin, mask) * gamma1
-    return self.cross_and_ffn(x, gamma2, scale2, shift2, text, text_valid)
+    return self.cross_and_ffn(x, gamma2, scale2, shift2, text, text_lengths)
 
-  def cross_and_ffn(self, x, gamma2, scale2, shift2, text, text_valid) -> jax.Array:
-    x = x + self.ca(self.ca_norm(x), text, text_valid)
+  def cross_and_ffn(self, x, gamma2, scale2, shift2, text, text_lengths) -> jax.Array:
+    x = x + self.ca(self.ca_norm(x), text, text_lengths)
     return x + self.ffn(plain_layer_norm(x, self.norm_eps) * (scale2 + 1) + shift2) * gamma2
 
 

@@ -152,7 +152,7 @@ def _scale_step(head: Infinity, weights: SamplingModel, condition: Condition, x:
       layer_values = jnp.concatenate([prefix(values, start), value], axis=1)
     attended = block.sa.attend(q, layer_keys, layer_values, None, implementation=implementation)
     x = x + attended * gamma1
-    x = block.cross_and_ffn(x, gamma2, scale2, shift2, condition.text, condition.text_valid)
+    x = block.cross_and_ffn(x, gamma2, scale2, shift2, condition.text, condition.text_lengths)
     return (x.astype(carry[0].dtype), keys, values, i + 1), None
 
   (x, keys, values, _), _ = jax.lax.scan(layer, (x, *cache, jnp.int32(0)), weights.blocks)

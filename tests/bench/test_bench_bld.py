@@ -8,6 +8,7 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 
 from bitgen.bench import bld as bench
@@ -61,6 +62,7 @@ def test_autocast_computes_in_bfloat16():
         assert module.scale.dtype == jnp.float32
 
 
+@pytest.mark.slow  # ~30 s on the 2-core CI machine; the autocast test covers the pipeline build
 def test_tiny_run_prints_the_table(capsys):
   bench.main(["--config", "tiny", "--batch", "2", "--steps", "2", "--trials", "1",
               "--precisions", "bfloat16"])

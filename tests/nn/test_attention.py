@@ -25,3 +25,28 @@ def test_dense_attention_asks_for_cudnn_only_where_it_applies(monkeypatch, capab
   q = jnp.zeros((1, 4, 2, head_dim), dtype)
   mask = jnp.ones((1, 1, 4, 4), bool) if use_mask else None
   assert attention_lib.dense_implementation(q, None, mask) == expected
+
+
+def _padded_inputs():
+  kq, kk, kv = jax.random.split(jax.random.key(0), 3)
+  q = jax.random.normal(kq, (3, 5, 2, 8))
+  k = jax.random.normal(kk, (3, 7, 2, 8))
+  v = jax.random.normal(kv, (3, 7, 2, 8))
+  lengths = jnp.array([7, 1, 4], jnp.int32)
+  return q, k, v, lengths, jnp.arange(7)[None, :] < lengths[:, None]  # valid [B, S]
+
+
+@pytest.mark.parametrize("kind", ["dense", "binary"])
+def test_kv_lengths_equal_the_padding_mask(kind):
+  q, k, v, lengths, valid = _padded_inputs()
+  expected = attention_lib.attention(q, k, v, mask=valid[:, None, None, :], kind=kind)
+  assert jnp.allclose(attention_lib.attention(q, k, v, kv_lengths=lengths, kind=kind), expected, atol=1e-5)
+
+
+def test_dense_attention_ignores_padded_keys():
+  """(Binary attention does not: its per-head key scale is a mean over every key, padded ones
+  included, as the official module computes it.)"""
+  q, k, v, lengths, valid = _padded_inputs()
+  junk = lambda x: jnp.where(valid[:, :, None, None], x, 1e4)
+  assert jnp.allclose(attention_lib.attention(q, junk(k), junk(v), kv_lengths=lengths),
+                      attention_lib.attention(q, k, v, kv_lengths=lengths), atol=1e-5)
