@@ -233,7 +233,7 @@ def main(argv=None):
   parser.add_argument("--decode-only", action="store_true", help="skip the prefill tables")
   parser.add_argument("--decode-sweep", action="store_true", help="time DECODE_SWEEP tunings")
   args = parser.parse_args(argv)
-  if args.tune:
+  if args.tune is not None:  # "" is the default tuning
     for spec in args.tune.split(";"):
       _try(tune, spec)
     return

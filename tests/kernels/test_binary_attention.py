@@ -305,7 +305,11 @@ def test_gpu_kernel_lowers_for_cuda_on_cpu(tuning, mask, scale_mode):
 
 
 def _check_gpu_tuning(tuning, shape, mask, scale_mode, atol, input_scale=1.0):
+  """atol for bf16 P V; fp8 P V adds e4m3's rounding of V (2^-4 relative, all of an output row's
+  error where a causal row sees one key) and of P."""
   q, k, v = _qkv(jax.random.key(12), shape)
+  if tuning.pv_fp8:
+    atol += 2.0**-4 * float(jnp.abs(v).max())
   q, k = input_scale * q, input_scale * k
   (qs, qsc), (ks, ksc) = ba.binarize(q, scale_mode), ba.binarize(k, scale_mode)
   v16 = v.astype(jnp.bfloat16)
@@ -322,7 +326,7 @@ def _check_gpu_tuning(tuning, shape, mask, scale_mode, atol, input_scale=1.0):
     (ba.GpuTuning(bounded_softmax=False), 2e-2),
     (ba.GpuTuning(schedule_barrier=False), 2e-2),
     (ba.GpuTuning(poly_exp_cols=32), 2e-2),
-    (ba.GpuTuning(pv_fp8=True), 6e-2),
+    (ba.GpuTuning(pv_fp8=True), 2e-2),
 ])
 @pytest.mark.parametrize("mask,scale_mode", [("none", "per_head"), ("causal", "per_token")])
 def test_gpu_kernel_tunings_match_reference(tuning, atol, mask, scale_mode):
@@ -337,8 +341,8 @@ def test_gpu_kernel_large_scores_take_the_online_max(pv_fp8):
   """Scores up to ~400 (log2 units): the bound would underflow, the kernel must use the running max."""
   if jax.default_backend() != "gpu":
     pytest.skip("needs a CUDA GPU")
-  _check_gpu_tuning(ba.GpuTuning(pv_fp8=pv_fp8), (1, 256, 2, 64), "causal", "per_head",
-                    6e-2 if pv_fp8 else 2e-2, input_scale=30.0)
+  _check_gpu_tuning(ba.GpuTuning(pv_fp8=pv_fp8), (1, 256, 2, 64), "causal", "per_head", 2e-2,
+                    input_scale=30.0)
 
 
 @pytest.mark.gpu
