@@ -6,8 +6,9 @@ BinaryAttention (EdwardChasel/BinaryAttention) math, layout [B, T, N, H] as `bit
   out = softmax(q_hat k_hat^T / sqrt(H) + bias, masked) v
 
 The +-1 dot products are exact small integers, so the kernels compute them on the matrix units in
-int8 (TPU MXU, Hopper wgmma s8 -> s32) and apply the scales s_q s_k / sqrt(H) as a rank-1 factor
-(row factor x column factor) before an f32 online softmax. The quantisation (sign, scale and the
+8 bits (TPU MXU int8; Hopper wgmma fp8 e4m3 with f32 accumulators, or s8 -> s32) and apply the
+scales s_q s_k / sqrt(H) as a rank-1 factor (row factor x column factor) before an f32 softmax
+(online max; on GPU the static bound |S| <= H replaces it where exp2 cannot underflow). The quantisation (sign, scale and the
 clipped straight-through gradient, `_binarize`) runs in XLA around the kernel; the kernel sits
 inside a `custom_vjp` whose backward is the reference math (exact, it recomputes the dense scores).
 
