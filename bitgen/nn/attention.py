@@ -25,13 +25,17 @@ def cudnn_applies(dtype) -> bool:
   return float(getattr(jax.devices()[0], "compute_capability", "0")) >= 8.0
 
 
-def dense_implementation(q: jax.Array, bias: jax.Array | None, mask: jax.Array | None) -> str | None:
+def dense_implementation(q: jax.Array, bias: jax.Array | None, mask: jax.Array | None,
+                         kv_lengths: jax.Array | None = None, kv_len: int | None = None) -> str | None:
   """"cudnn" where cuDNN flash attention applies (`cudnn_applies`, head dim <= 128 and a multiple
-  of 8, no bias or mask), else None (XLA)."""
+  of 8, no bias or mask; with `kv_lengths`, even query and key lengths `q.shape[1]`, `kv_len`, which
+  its backward pass needs for padded keys), else None (XLA)."""
   head_dim = q.shape[-1]
-  if bias is None and mask is None and head_dim <= 128 and head_dim % 8 == 0 and cudnn_applies(q.dtype):
-    return "cudnn"
-  return None
+  if bias is not None or mask is not None or head_dim > 128 or head_dim % 8 or not cudnn_applies(q.dtype):
+    return None
+  if kv_lengths is not None and (q.shape[1] % 2 or kv_len % 2):
+    return None
+  return "cudnn"
 
 
 def attention(
@@ -51,7 +55,7 @@ def attention(
   """
   if kind == "dense":
     return jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, key_value_seq_lengths=kv_lengths,
-                                        implementation=dense_implementation(q, bias, mask))
+                                        implementation=dense_implementation(q, bias, mask, kv_lengths, k.shape[1]))
   if kind == "binary":
     if kv_lengths is not None:
       valid = (jnp.arange(k.shape[1])[None, :] < kv_lengths[:, None])[:, None, None, :]  # [B, 1, 1, S]

@@ -27,6 +27,19 @@ def test_dense_attention_asks_for_cudnn_only_where_it_applies(monkeypatch, capab
   assert attention_lib.dense_implementation(q, None, mask) == expected
 
 
+@pytest.mark.parametrize("q_len, kv_len, expected", [(4, 64, "cudnn"), (1, 64, None), (4, 7, None)])
+def test_padded_keys_use_cudnn_only_at_even_lengths(monkeypatch, q_len, kv_len, expected):
+  """cuDNN's backward pass refuses padded keys at odd query or key lengths (e.g. Infinity's one
+  pooled text query), so those stay on XLA."""
+  class FakeGpu:
+    compute_capability = "9.0"
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  monkeypatch.setattr(jax, "devices", lambda *args: [FakeGpu()])
+  q = jnp.zeros((2, q_len, 2, 64), jnp.bfloat16)
+  lengths = jnp.array([kv_len, 1], jnp.int32)
+  assert attention_lib.dense_implementation(q, None, None, lengths, kv_len) == expected
+
+
 def _padded_inputs():
   kq, kk, kv = jax.random.split(jax.random.key(0), 3)
   q = jax.random.normal(kq, (3, 5, 2, 8))
