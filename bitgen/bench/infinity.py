@@ -261,7 +261,8 @@ def main(argv=None):
       else:
         r = bench_training(models, variant, pn, batch, args.trials)
         ours, speedup, split = r["step_s"], official / r["step_s"], "-"
-        mfu = f"{_fmt(r['mfu'], '.1%')} of {r['tflop_per_step']:.2f} TFLOP"
+        mfu = (f"{_fmt(r['mfu'], '.1%')} of {r['tflop_per_step']:.2f} TFLOP" if r["tflop_per_step"]
+               else "n/a: this backend's cost analysis counts no flops (count them on CPU)")
       peak = _fmt(r["peak_gib"], ".1f")
       if name in TARGET_PEAK_GIB and r["peak_gib"] is not None:
         verdict = "under" if r["peak_gib"] < TARGET_PEAK_GIB[name] else "OVER"
