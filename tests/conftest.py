@@ -3,12 +3,18 @@
 import os
 import pathlib
 
-# Must precede the first jax import: sharding tests build a (2, 2, 2) mesh on CPU.
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
-
 import numpy as np
 import pytest
+
+
+def pytest_configure(config):
+  """Before the first jax use: tests run on 8 CPU host devices (sharding tests build a (2, 2, 2)
+  mesh), except a run that selects the `gpu` marker, where jax picks the GPU (its tests skip,
+  saying so, where there is none)."""
+  os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+  markexpr = config.option.markexpr or ""
+  if not ("gpu" in markexpr and "not gpu" not in markexpr):
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 PARITY_DIR = pathlib.Path(
     os.environ.get("BITGEN_PARITY_DIR", pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "parity"))
