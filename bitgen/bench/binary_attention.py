@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bitgen.kernels import binary_attention as ba
+from bitgen.kernels import binary_attention_gpu as bag
 from bitgen.kernels import binary_decode as bd
 from bitgen.kernels import binary_decode_gpu as bdg
 
@@ -72,9 +73,9 @@ def bench_prefill(batch, length, heads, head_dim, causal, rows, accuracy):
   signs = jax.jit(lambda x: ba.binarize(x, "per_head"))
   qs, qsc = signs(q)
   ks, ksc = signs(k)
-  kernel_only = jax.jit(functools.partial(ba._gpu_forward, causal=causal))
-  fp8_pv = jax.jit(functools.partial(ba._gpu_forward, causal=causal,
-                                     tuning=dataclasses.replace(ba.GPU_TUNING, pv_fp8=True)))
+  kernel_only = jax.jit(functools.partial(bag.binary_attention_gpu, causal=causal))
+  fp8_pv = jax.jit(functools.partial(bag.binary_attention_gpu, causal=causal,
+                                     tuning=dataclasses.replace(bag.GPU_TUNING, pv_fp8=True)))
   cudnn = jax.jit(functools.partial(jax.nn.dot_product_attention, is_causal=causal,
                                     implementation="cudnn"))
   xla = jax.jit(functools.partial(jax.nn.dot_product_attention, is_causal=causal,
@@ -179,7 +180,7 @@ def decode_sweep():
 def parse_tuning(spec: str):
   """"key=value,..." -> (GpuTuning, shape options): GpuTuning fields (bools as 0/1) and the shape
   keys h (head dim, 64), causal (0), scale (input std, 1: larger values take the online-max path)."""
-  fields = {f.name: f.type for f in dataclasses.fields(ba.GpuTuning)}
+  fields = {f.name: f.type for f in dataclasses.fields(bag.GpuTuning)}
   tuning, shape = {}, {"h": 64, "causal": 0, "scale": 1.0}
   for item in filter(None, spec.split(",")):
     key, value = item.split("=")
@@ -194,7 +195,7 @@ def parse_tuning(spec: str):
     else:
       raise ValueError(f"unknown tuning key {key!r} (GpuTuning fields: {sorted(fields)}, or h, "
                        f"causal, scale)")
-  return ba.GpuTuning(**tuning), shape
+  return bag.GpuTuning(**tuning), shape
 
 
 def tune(spec: str):
@@ -208,7 +209,7 @@ def tune(spec: str):
   q, k, v = (x.astype(jnp.bfloat16) for x in (q, k, v))
   qs, qsc = ba.binarize(q, "per_head")
   ks, ksc = ba.binarize(k, "per_head")
-  fn = jax.jit(functools.partial(ba._gpu_forward, causal=causal, tuning=tuning))
+  fn = jax.jit(functools.partial(bag.binary_attention_gpu, causal=causal, tuning=tuning))
   ms = time_ms(fn, qs, qsc, ks, ksc, v, None)
   out = fn(qs, qsc, ks, ksc, v, None)[:1].astype(jnp.float32)
   f32 = [x[:1].astype(jnp.float32) for x in (q, k, v)]

@@ -11,13 +11,18 @@ with order "lsb" (element d of the head dim is bit d % 32 of word d // 32, so a 
 where x > 0 (sign(0) = -1, BSQ/LFQ); here bit = 1 where x >= 0 (sign(0) = +1, BinaryAttention).
 """
 
+import math
 from typing import Literal
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from bitgen.quantizers import bits as bits_lib
+
+# Finite, so a tile whose row is fully masked gives exp(mask - max) = 0 instead of NaN.
+MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
 
 ScaleMode = Literal["per_head", "per_token"]
 SCALE_MODES = ("per_head", "per_token")
@@ -78,3 +83,10 @@ def pack_signs(x: jax.Array) -> tuple[jax.Array, jax.Array]:
 def unpack_signs(words: jax.Array, num_bits: int, dtype=jnp.float32) -> jax.Array:
   """(..., ceil(num_bits/32)) uint32 -> (..., num_bits) {-1, +1} in `dtype` (inverse of pack_signs)."""
   return bits_lib.bits_to_signs(bits_lib.unpack_bits(words, num_bits, order=PACK_ORDER), dtype)
+
+
+def kernel_factors(q_scale, k_scale, batch, q_len, kv_len, heads, head_dim):
+  """Row factor s_q / sqrt(H) as [B, N, T] and column factor s_k as [B, N, S], float32."""
+  row = jnp.broadcast_to(q_scale[..., 0], (batch, q_len, heads)) / math.sqrt(head_dim)
+  col = jnp.broadcast_to(k_scale[..., 0], (batch, kv_len, heads))
+  return jnp.transpose(row, (0, 2, 1)), jnp.transpose(col, (0, 2, 1))

@@ -13,7 +13,10 @@ import numpy as np
 import pytest
 from conftest import load_parity
 
+from bitgen.kernels import _binarize
 from bitgen.kernels import binary_attention as ba
+from bitgen.kernels import binary_attention_gpu as ba_gpu
+from bitgen.kernels import binary_attention_tpu as ba_tpu
 from bitgen.kernels.binary_attention import binary_attention, binary_attention_reference
 from bitgen.nn.attention import attention
 from bitgen.quantizers import bits as bits_lib
@@ -124,13 +127,13 @@ def test_tpu_kernel_interpreted_bf16_head_dim_128():
 
 
 def test_tpu_kernel_several_blocks_skip_masked_blocks():
-  blocks = ba.TpuBlockSizes(block_q=128, block_kv=128)
+  blocks = ba_tpu.TpuBlockSizes(block_q=128, block_kv=128)
   shape = (1, 384, 1, 64)
   q, k, v = _qkv(jax.random.key(3), shape)
   qs, qsc = ba.binarize(q, "per_token")
   ks, ksc = ba.binarize(k, "per_token")
   seg = jnp.broadcast_to(jnp.repeat(jnp.arange(3), 128), (1, 384))
-  got = ba._tpu_forward(qs, qsc, ks, ksc, v, seg, causal=False, blocks=blocks, interpret=True)
+  got = ba_tpu.binary_attention_tpu(qs, qsc, ks, ksc, v, seg, causal=False, blocks=blocks, interpret=True)
   want = binary_attention_reference(q, k, v, mask=seg[0], scale_mode="per_token")
   np.testing.assert_allclose(got, want, atol=1e-5)
 
@@ -260,7 +263,7 @@ def test_tpu_kernel_compiles_for_real_generations(topology, mask, monkeypatch):
 
 def test_gpu_polynomial_exp2_is_accurate():
   x = jnp.concatenate([-jnp.linspace(0, 125, 100_001), jnp.array([-jnp.inf, -1e30])])
-  got = np.asarray(ba._exp2_fma(x), np.float64)
+  got = np.asarray(ba_gpu._exp2_fma(x), np.float64)
   want = np.exp2(np.asarray(x, np.float64))
   assert np.all(got >= 0) and np.all(got[-2:] <= 2.0**-125)
   np.testing.assert_allclose(got[:-2], want[:-2], rtol=1e-4, atol=0)
@@ -273,11 +276,11 @@ def test_gpu_bound_applies_only_where_exp2_cannot_underflow():
   for mode in ("per_head", "per_token"):
     (_, q_scale), (_, k_scale) = ba.binarize(q, mode), ba.binarize(k, mode)
     for p_dtype, limit in ((jnp.bfloat16, 100.0), (jnp.float8_e4m3fn, 14.0)):
-      consts, vectors = ba._gpu_factors(q_scale, k_scale, p_dtype, jnp.float32(1), 2, 256, 256, 2,
+      consts, vectors = ba_gpu._gpu_factors(q_scale, k_scale, p_dtype, jnp.float32(1), 2, 256, 256, 2,
                                         64)
       assert consts.shape == (2, 2, 32) and (vectors is None) == (mode == "per_head")
       # The shift bounds every logit: H * factor (per token: H * max over the tile's factors).
-      row, col = ba._kernel_factors(q_scale, k_scale, 2, 256, 256, 2, 64)
+      row, col = _binarize.kernel_factors(q_scale, k_scale, 2, 256, 256, 2, 64)
       largest = 64 * np.log2(np.e) * (row.max(-1) * col.max(-1))  # [B, N]
       np.testing.assert_allclose(consts[..., 1], largest, rtol=1e-5)
       np.testing.assert_array_equal(consts[..., 2], 2 * largest <= limit)
@@ -286,16 +289,16 @@ def test_gpu_bound_applies_only_where_exp2_cannot_underflow():
 
 
 @pytest.mark.parametrize("tuning,mask,scale_mode", [
-    (ba.GpuTuning(), "causal", "per_token"),
-    (ba.GpuTuning(qk_dtype="int8", bounded_softmax=False, schedule_barrier=False), "none",
+    (ba_gpu.GpuTuning(), "causal", "per_token"),
+    (ba_gpu.GpuTuning(qk_dtype="int8", bounded_softmax=False, schedule_barrier=False), "none",
      "per_head"),
-    (ba.GpuTuning(pv_fp8=True, poly_exp_cols=32), "none", "per_head"),
+    (ba_gpu.GpuTuning(pv_fp8=True, poly_exp_cols=32), "none", "per_head"),
 ])
 def test_gpu_kernel_lowers_for_cuda_on_cpu(tuning, mask, scale_mode):
   """The Mosaic GPU kernel traces and lowers (no GPU needed): catches API drift in CI."""
   shape = jax.ShapeDtypeStruct((1, 256, 2, 128), jnp.bfloat16)
   scale = jax.ShapeDtypeStruct((1, 256 if scale_mode == "per_token" else 1, 2, 1), jnp.float32)
-  fn = jax.jit(functools.partial(ba._gpu_forward, causal=mask == "causal", tuning=tuning))
+  fn = jax.jit(functools.partial(ba_gpu.binary_attention_gpu, causal=mask == "causal", tuning=tuning))
   text = fn.trace(shape, scale, shape, scale, shape, None).lower(
       lowering_platforms=("cuda",)).as_text()
   assert "mosaic_gpu" in text
@@ -313,7 +316,7 @@ def _check_gpu_tuning(tuning, shape, mask, scale_mode, atol, input_scale=1.0):
   q, k = input_scale * q, input_scale * k
   (qs, qsc), (ks, ksc) = ba.binarize(q, scale_mode), ba.binarize(k, scale_mode)
   v16 = v.astype(jnp.bfloat16)
-  got = ba._gpu_forward(qs, qsc, ks, ksc, v16, None, causal=mask == "causal", tuning=tuning)
+  got = ba_gpu.binary_attention_gpu(qs, qsc, ks, ksc, v16, None, causal=mask == "causal", tuning=tuning)
   want = binary_attention_reference(q, k, v16.astype(jnp.float32), mask=MASKS[mask](shape[1]),
                                     scale_mode=scale_mode)
   err = np.abs(np.asarray(got, np.float32) - np.asarray(want))
@@ -322,11 +325,11 @@ def _check_gpu_tuning(tuning, shape, mask, scale_mode, atol, input_scale=1.0):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("tuning,atol", [
-    (ba.GpuTuning(qk_dtype="int8"), 2e-2),
-    (ba.GpuTuning(bounded_softmax=False), 2e-2),
-    (ba.GpuTuning(schedule_barrier=False), 2e-2),
-    (ba.GpuTuning(poly_exp_cols=32), 2e-2),
-    (ba.GpuTuning(pv_fp8=True), 2e-2),
+    (ba_gpu.GpuTuning(qk_dtype="int8"), 2e-2),
+    (ba_gpu.GpuTuning(bounded_softmax=False), 2e-2),
+    (ba_gpu.GpuTuning(schedule_barrier=False), 2e-2),
+    (ba_gpu.GpuTuning(poly_exp_cols=32), 2e-2),
+    (ba_gpu.GpuTuning(pv_fp8=True), 2e-2),
 ])
 @pytest.mark.parametrize("mask,scale_mode", [("none", "per_head"), ("causal", "per_token")])
 def test_gpu_kernel_tunings_match_reference(tuning, atol, mask, scale_mode):
@@ -341,7 +344,7 @@ def test_gpu_kernel_large_scores_take_the_online_max(pv_fp8):
   """Scores up to ~400 (log2 units): the bound would underflow, the kernel must use the running max."""
   if jax.default_backend() != "gpu":
     pytest.skip("needs a CUDA GPU")
-  _check_gpu_tuning(ba.GpuTuning(pv_fp8=pv_fp8), (1, 256, 2, 64), "causal", "per_head", 2e-2,
+  _check_gpu_tuning(ba_gpu.GpuTuning(pv_fp8=pv_fp8), (1, 256, 2, 64), "causal", "per_head", 2e-2,
                     input_scale=30.0)
 
 
