@@ -37,6 +37,7 @@ def test_bench_imports_no_data_stack():
   assert out.stdout.strip() == "[]"
 
 
+@pytest.mark.slow  # ~30 s on the 2-core CI machine (builds and decodes through both precisions)
 def test_autocast_computes_in_bfloat16():
   pipeline = bench.build_pipeline("tiny", "float32")
   decode = nnx.jit(bld_sample.decode)
