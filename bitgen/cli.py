@@ -22,7 +22,9 @@ MAIN_CONFIG = "bsq_vit:main"
 # `bitgen sample`: config.task -> the module whose `sample_grid_from_config(config, workdir, out_path,
 # *, num_images, steps, seed, temperature, guidance)` writes a PNG grid from a trained workdir
 # (None means the config's own default).
-SAMPLERS = {"bld": "bitgen.train.bld", "infinity": "bitgen.train.infinity"}
+# Tasks whose `bitgen eval` / `bitgen sample` live in their training module
+# (`evaluate_from_config`, `sample_grid_from_config`); other tasks evaluate as tokenizers.
+TASK_MODULES = {"bld": "bitgen.train.bld", "infinity": "bitgen.train.infinity"}
 
 
 def _add_config_args(parser: argparse.ArgumentParser, *, config_required: bool = True) -> None:
@@ -73,10 +75,15 @@ def cmd_train(args) -> None:
 
 def cmd_eval(args) -> None:
   _initialize(args)
-  from bitgen import train
-  from bitgen.eval.tokenizer import evaluate_result
   config = _load(args)
-  report = evaluate_result(config, train.restore(config, args.workdir), ema=args.ema)
+  task = config.get("task")
+  if task in TASK_MODULES:
+    module = importlib.import_module(TASK_MODULES[task])
+    report = module.evaluate_from_config(config, args.workdir, ema=args.ema)
+  else:
+    from bitgen import train
+    from bitgen.eval.tokenizer import evaluate_result
+    report = evaluate_result(config, train.restore(config, args.workdir), ema=args.ema)
   _write_json(args.workdir / "eval.json", report)
   print(json.dumps({k: v for k, v in report.items() if not isinstance(v, list)}, indent=2))
 
@@ -106,10 +113,10 @@ def cmd_main(args) -> None:
 def cmd_sample(args) -> None:
   config = _load(args)
   task = config.get("task")
-  if task not in SAMPLERS:
+  if task not in TASK_MODULES:
     raise SystemExit(f"config task {task!r} has no sampler; `bitgen sample` takes a config whose task "
-                     f"is one of {sorted(SAMPLERS)}")
-  module = importlib.import_module(SAMPLERS[task])
+                     f"is one of {sorted(TASK_MODULES)}")
+  module = importlib.import_module(TASK_MODULES[task])
   path = module.sample_grid_from_config(
       config, args.workdir, args.out, num_images=args.num, steps=args.steps, seed=args.seed,
       temperature=args.temperature, guidance=args.guidance)

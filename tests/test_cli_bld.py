@@ -128,3 +128,19 @@ def test_sample_needs_a_two_stage_config(tmp_path):
   with pytest.raises(ValueError, match="two-stage BLD config"):
     bld_train.sample_grid_from_config(bld_configs.get_config("photos_prior"), tmp_path,
                                       tmp_path / "x.png")
+
+
+@pytest.mark.slow
+def test_eval_restores_both_stages_and_reproduces_the_report(config, workdir):
+  """`bitgen eval --ema` re-evaluates the EMA models train_bld reported on: the same numbers."""
+  cli.main(["eval", "--config", config, "--workdir", str(workdir), "--ema"])
+  report = json.loads((workdir / "report.json").read_text())
+  again = json.loads((workdir / "eval.json").read_text())
+  assert again["autoencoder"]["psnr"] == pytest.approx(report["autoencoder"]["psnr"], abs=1e-4)
+  assert again["prior"]["held_out"]["nll_bound"] == pytest.approx(
+      report["prior"]["held_out"]["nll_bound"], abs=1e-4)
+
+
+def test_eval_without_checkpoint_says_so(config, tmp_path):
+  with pytest.raises(FileNotFoundError, match="no checkpoint in .*ae.*train first"):
+    cli.main(["eval", "--config", config, "--workdir", str(tmp_path / "empty")])

@@ -265,7 +265,6 @@ def train_bld(config_ae, config_prior, workdir: str | pathlib.Path, *,
   Report: the autoencoder's held-out PSNR/SSIM, and the prior's NLL bound in bits per bit against
   the bit-frequency baseline (`bitgen.eval.bld.evaluate_prior`), with steps and minutes.
   """
-  from bitgen.eval import bld as bld_eval  # pylint: disable=g-import-not-at-top
   from bitgen.train.trainer import run  # pylint: disable=g-import-not-at-top
   workdir = pathlib.Path(workdir)
   check_configs(config_ae, config_prior)
@@ -282,18 +281,42 @@ def train_bld(config_ae, config_prior, workdir: str | pathlib.Path, *,
   denoiser = on_one_device(prior_result.model(ema=True))
 
   start = time.perf_counter()
-  report = {
-      "autoencoder": {"steps": int(ae_result.state.step), "train_minutes": ae_minutes,
-                      **bld_eval.evaluate_autoencoder(autoencoder, config_ae.data,
-                                                      batch_size=eval_batch_size)},
-      "prior": {"steps": int(prior_result.state.step), "train_minutes": prior_minutes,
-                **bld_eval.evaluate_prior(denoiser, autoencoder, config_prior,
-                                          batch_size=eval_batch_size)},
-      "device": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
-  }
+  report = evaluate_models(config_ae, config_prior, autoencoder, denoiser, batch_size=eval_batch_size)
+  report["autoencoder"].update(steps=int(ae_result.state.step), train_minutes=ae_minutes)
+  report["prior"].update(steps=int(prior_result.state.step), train_minutes=prior_minutes)
   report["eval_minutes"] = (time.perf_counter() - start) / 60
   (workdir / "report.json").write_text(json.dumps(report, indent=2))
   return report
+
+
+def evaluate_models(config_ae, config_prior, autoencoder: nnx.Module, denoiser: nnx.Module, *,
+                    batch_size: int = 64) -> dict[str, Any]:
+  """The autoencoder's held-out PSNR/SSIM and the prior's NLL bound in bits per bit against the
+  bit-frequency baseline (`bitgen.eval.bld`)."""
+  from bitgen.eval import bld as bld_eval  # pylint: disable=g-import-not-at-top
+  return {
+      "autoencoder": bld_eval.evaluate_autoencoder(autoencoder, config_ae.data, batch_size=batch_size),
+      "prior": bld_eval.evaluate_prior(denoiser, autoencoder, config_prior, batch_size=batch_size),
+      "device": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
+  }
+
+
+def _stages(config, command: str):
+  """(config.ae, config.prior) of a two-stage BLD config (`configs/bld.py:photos`), checked."""
+  if config.get("task") != "bld" or "ae" not in config or "prior" not in config:
+    raise ValueError(f"bitgen {command} needs a two-stage BLD config (task 'bld' with 'ae' and "
+                     f"'prior' stages, e.g. bld:photos), got task {config.get('task')!r}")
+  return config.ae, config.prior
+
+
+def evaluate_from_config(config, workdir: str | pathlib.Path, *, ema: bool = False) -> dict[str, Any]:
+  """`bitgen eval` for a two-stage BLD config: `evaluate_models` of the latest checkpoints of
+  `<workdir>/ae` and `<workdir>/prior`."""
+  config_ae, config_prior = _stages(config, "eval")
+  check_pair(config_ae, config_prior)
+  workdir = pathlib.Path(workdir)
+  return evaluate_models(config_ae, config_prior, restore_model(config_ae, workdir / "ae", ema=ema),
+                         restore_model(config_prior, workdir / "prior", ema=ema))
 
 
 def sample_grid(config_ae, config_prior, workdir: str | pathlib.Path, out_path, *,
@@ -327,9 +350,7 @@ def sample_grid_from_config(config, workdir: str | pathlib.Path, out_path, *,
                             guidance: float | None = None) -> pathlib.Path:
   """`bitgen sample` for a `configs/bld.py:photos`-style config (task "bld": `config.ae`,
   `config.prior`); None means the default (16 images, seed 0, config.prior.sample)."""
-  if config.get("task") != "bld" or "ae" not in config or "prior" not in config:
-    raise ValueError("bitgen sample needs a two-stage BLD config (task 'bld' with 'ae' and 'prior' "
-                     f"stages, e.g. bld:photos), got task {config.get('task')!r}")
-  return sample_grid(config.ae, config.prior, workdir, out_path,
+  config_ae, config_prior = _stages(config, "sample")
+  return sample_grid(config_ae, config_prior, workdir, out_path,
                      batch=16 if num_images is None else num_images, steps=steps,
                      seed=0 if seed is None else seed, temperature=temperature, guidance=guidance)

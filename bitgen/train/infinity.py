@@ -241,9 +241,10 @@ def train_and_evaluate(config_vae, config, workdir, *, eval_batch_size: int = 64
   return report
 
 
-def restore_model(config, workdir) -> tuple[nnx.Module, InfinityTask]:
-  """(the transformer of `config` from the latest checkpoint in `<workdir>/checkpoints`, on this
-  process's first device; its task, which holds the frozen VAE read from `config.vae_source`)."""
+def restore_model(config, workdir, *, ema: bool = False) -> tuple[nnx.Module, InfinityTask]:
+  """(the transformer of `config` (its EMA parameters if `ema`) from the latest checkpoint in
+  `<workdir>/checkpoints`, on this process's first device; its task, which holds the frozen VAE
+  read from `config.vae_source`)."""
   from bitgen.train import bld  # pylint: disable=g-import-not-at-top
   from bitgen.train import config as config_lib  # pylint: disable=g-import-not-at-top
   from bitgen.train import trainer  # pylint: disable=g-import-not-at-top
@@ -257,7 +258,13 @@ def restore_model(config, workdir) -> tuple[nnx.Module, InfinityTask]:
     raise FileNotFoundError(f"no checkpoint in {checkpoints}: train first (bitgen train --workdir "
                             f"{workdir})")
   task = build_task(config)
-  return bld.on_one_device(trainer.restore(config, workdir, task=task).model()), task
+  return bld.on_one_device(trainer.restore(config, workdir, task=task).model(ema=ema)), task
+
+
+def evaluate_from_config(config, workdir, *, ema: bool = False) -> dict[str, Any]:
+  """`bitgen eval` for task "infinity": `evaluate_config` of the transformer trained in `workdir`."""
+  model, task = restore_model(config, workdir, ema=ema)
+  return evaluate_config(config, model, task)
 
 
 SAMPLE_DEFAULTS = dict(cfg=3.0, tau=1.0, top_k=0, top_p=0.0, columns=8)

@@ -91,3 +91,15 @@ def test_sample_rejects_steps_and_wrong_workdirs(trained, tmp_path):
     cli.main(["sample", "--config", spec, "--workdir", str(tmp_path / "empty"), "--out", out])
   with pytest.raises(ValueError, match="num_images must be >= 1"):
     infinity_train.sample_grid_from_config(config, workdir, out, num_images=0)
+
+
+def test_cli_eval_reports_held_out_bits_per_bit(trained):
+  import json
+  spec, config, workdir = trained
+  cli.main(["eval", "--config", spec, "--workdir", str(workdir)])
+  report = json.loads((workdir / "eval.json").read_text())
+  held_out = report["held_out"]
+  assert held_out["crops"] > 0 and held_out["photos"]
+  # One training step: the model is near chance (1 bit per bit), the fitted baseline below it.
+  assert 0 < held_out["baseline_bits_per_bit"] < 1.5
+  assert 0.5 < held_out["bits_per_bit_unconditional"] < 2.0
