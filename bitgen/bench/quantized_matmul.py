@@ -9,10 +9,14 @@ Rows per shape (M, K, N), all computing x[M, K] @ w[N, K]^T:
 - ours_int8 / ours_ternary: `quantized_matmul(..., implementation="auto")` on pre-quantized int8 x;
 - qwix_int8: qwix's int8 dot, where qwix is installed;
 - xla_read_int8_weights: a max over each row of the int8 weights (reads them once: the memory floor).
-Timing: one jit runs the op over R distinct weight copies (so the weights come from HBM, not L2);
-"slope" is the host time per call, the slope between R = 2 and R runs (fixed costs cancel, launch
-costs do not: short kernels are bound by the host's launches), the median of several trials; "GPU
-time" is the kernels' own time per call (CUPTI, through Mosaic GPU's profiler). Before timing, every kernel is checked exact against the reference.
+Timing: one jit runs the op over R distinct weight copies, each with its own x (so the weights come
+from HBM, not L2, and no per-call work on x is shared between calls). **GPU time** is the number to
+read: the kernels' own time per call (CUPTI, through Mosaic GPU's profiler: the sum of the jit's
+kernels divided by R), with the Mosaic kernels' share beside it (the rest is XLA fusions around
+them). "slope" is host time per call (the slope between a jit over 2 and over R copies, the median of
+several trials): on the device it is dominated by per-call host costs of the jit and is no launch cost
+of the kernels (RESULTS_quantized_matmul.md). Before timing, every kernel is checked exact against
+the reference.
 Needs only jax (no tfds/grain/ml_collections).
 """
 
@@ -46,38 +50,43 @@ SHAPE_SETS = {
 }
 
 
-def _time_per_call(fn, x, weights, trials: int) -> tuple[float, float | None]:
-  """Seconds per call of fn(x, w): (slope, GPU time).
+def _time_per_call(fn, xs, weights, trials: int) -> tuple[float, float | None, float | None]:
+  """Seconds per call of fn(x, w) over pairs of copies: (host slope, GPU time, Mosaic GPU time).
 
-  slope: of the host time of one jit over 2 vs all weight copies (launch and host costs included,
-  fixed costs cancel); GPU time: the kernels' own time (CUPTI, the sum of the kernels of the jit
-  over all copies, divided by their number; None where CUPTI is unavailable).
+  slope: of the host time of one jit over 2 vs all copies; GPU time: the kernels' own time (CUPTI,
+  the sum of the kernels of the jit over all copies divided by their number), and the part of it in
+  Mosaic GPU kernels (None where CUPTI is unavailable).
   """
-  def many(x, ws):
-    return [fn(x, w) for w in ws]
+  def many(xs, ws):
+    return [fn(x, w) for x, w in zip(xs, ws)]
   r0, r1 = 2, len(weights)
   jitted = jax.jit(many)
   times = {}
   for r in (r0, r1):
-    ws = weights[:r]
-    jax.block_until_ready(jitted(x, ws))  # compile + warm up
+    args = xs[:r], weights[:r]
+    jax.block_until_ready(jitted(*args))  # compile + warm up
     samples = []
     for _ in range(trials):
       start = time.perf_counter()
-      jax.block_until_ready(jitted(x, ws))
+      jax.block_until_ready(jitted(*args))
       samples.append(time.perf_counter() - start)
     times[r] = statistics.median(samples)
-  return (times[r1] - times[r0]) / (r1 - r0), _gpu_time(jitted, x, weights, trials)
+  return (times[r1] - times[r0]) / (r1 - r0), *_gpu_time(jitted, xs, weights, trials)
 
 
-def _gpu_time(jitted, x, weights, trials: int) -> float | None:
+def _gpu_time(jitted, xs, weights, trials: int) -> tuple[float | None, float | None]:
+  """(all kernels, Mosaic GPU kernels) seconds per call, medians over `trials` runs of the jit."""
   try:
     from jax.experimental.mosaic.gpu import profiler
-    _, runs_ms = profiler.measure(jitted, iterations=trials)(x, weights)
+    _, runs = profiler.measure(jitted, aggregate=False, iterations=max(2, trials))(xs, weights)
   except Exception as e:  # no CUPTI (or not a GPU)
     print(f"no GPU time: {type(e).__name__}: {str(e)[:120]}", flush=True)
-    return None
-  return None if runs_ms is None else statistics.median(runs_ms) / 1e3 / len(weights)
+    return None, None
+  if runs is None:
+    return None, None
+  total = statistics.median(sum(ms for _, ms in run) for run in runs)
+  mosaic = statistics.median(sum(ms for name, ms in run if "mosaic" in name) for run in runs)
+  return total / 1e3 / len(weights), mosaic / 1e3 / len(weights)
 
 
 def _implementations(m, k, n, scales, implementation):
@@ -187,9 +196,10 @@ def run(shapes, trials: int, copies: int, implementation: str = "auto"):
     for label, (fn, w_kind, x_kind) in _implementations(m, k, n, scales, implementation).items():
       if w_kind not in weight_sets:
         weight_sets[w_kind] = _weights(w_kind, n, k, copies_here, kw)
-      seconds, gpu = _time_per_call(fn, _operand(x_kind, (m, k), kx), weight_sets[w_kind], trials)
+      xs = [_operand(x_kind, (m, k), kk) for kk in jax.random.split(kx, copies_here)]
+      times = _time_per_call(fn, xs, weight_sets[w_kind], trials)
       label += wrong if label.startswith("ours") else ""
-      results.append(_row(name, m, k, n, label, seconds, gpu))
+      results.append(_row(name, m, k, n, label, *times))
     del weight_sets
   return results
 
@@ -200,9 +210,9 @@ def sweep(trials: int, copies: int, sets=("gemv", "gemm")):
   from bitgen.kernels import quantized_matmul_gpu as gpu
   from bitgen.kernels import quantized_matmul_gpu_gemm as mosaic_gemm
   from bitgen.kernels import quantized_matmul_gpu_gemv as gemv
-  gemv_configs = {  # (block_k, split_k, stages); split_k 1: one kernel, scaled output in-kernel
-      "ternary": [(2048, 1, 3), (2048, 2, 2)],
-      "int8": [(512, 1, 6), (512, 2, 6)],
+  gemv_configs = {  # (block_k, split_k, stages[, consumer warpgroups]); split_k 1: one kernel
+      "ternary": [(2048, 1, 3, 1), (2048, 1, 3, 2), (2048, 1, 4, 2), (2048, 2, 2, 2)],
+      "int8": [(512, 1, 6)],
   }
   gemm_configs = [mosaic_gemm.GemmConfig(), mosaic_gemm.GemmConfig(wgmma_in_flight=0),
                   mosaic_gemm.GemmConfig(grid_tile_width=16)]
@@ -213,15 +223,17 @@ def sweep(trials: int, copies: int, sets=("gemv", "gemm")):
   key = jax.random.key(1)
   results = []
   for (m, k, n), kind, configs in cases:
-    x = _operand("int8", (m, k), key)
+    copies_here = max(4, min(copies, (4 << 30) // (2 * n * k)))
+    xs = [_operand("int8", (m, k), kk) for kk in jax.random.split(key, copies_here)]
     scales = jnp.ones((m,), jnp.float32) / 127, jnp.ones((n,), jnp.float32) / 127
-    weights = _weights(kind, n, k, max(4, min(copies, (4 << 30) // (2 * n * k))), key)
+    weights = _weights(kind, n, k, copies_here, key)
     for config in configs:
       def run(x, w, s, c=config):
-        xs, ws = s if s is not None else (jnp.ones((x.shape[0],), jnp.float32), jnp.ones((n,), jnp.float32))
-        return jax.jit(lambda x, w, xs, ws: gpu.matmul(
-            x, w, xs, ws, config=c, scaled=s is not None,
-            out_dtype=jnp.float32 if s is not None else jnp.int32))(x, w, xs, ws)
+        x_scale, w_scale = s if s is not None else (jnp.ones((x.shape[0],), jnp.float32),
+                                                    jnp.ones((n,), jnp.float32))
+        return jax.jit(lambda x, w, x_scale, w_scale: gpu.matmul(
+            x, w, x_scale, w_scale, config=c, scaled=s is not None,
+            out_dtype=jnp.float32 if s is not None else jnp.int32))(x, w, x_scale, w_scale)
       fn = lambda x, w, c=config: gpu.matmul(x, w, *scales, config=c, scaled=True, out_dtype=jnp.bfloat16)
       try:
         _check(m, k, n, 7, run, kinds=(kind,))
@@ -232,29 +244,31 @@ def sweep(trials: int, copies: int, sets=("gemv", "gemm")):
       except Exception as e:  # a config the compiler rejects (e.g. too much shared memory)
         print(f"sweep {kind} {config}: failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
         continue
-      seconds, gpu_seconds = _time_per_call(fn, x, weights, trials)
-      results.append(_row(f"sweep {kind}", m, k, n, str(config) + wrong, seconds, gpu_seconds))
+      times = _time_per_call(fn, xs, weights, trials)
+      results.append(_row(f"sweep {kind}", m, k, n, str(config) + wrong, *times))
     del weights
   return results
 
 
-def _row(name, m, k, n, label, seconds, gpu_seconds):
+def _row(name, m, k, n, label, seconds, gpu_seconds, mosaic_seconds):
   """A result row (times in us, TOP/s from the GPU time where there is one), printed as it comes."""
   best = gpu_seconds if gpu_seconds else seconds
-  row = (name, m, k, n, label, seconds * 1e6, gpu_seconds * 1e6 if gpu_seconds else float("nan"),
+  us = lambda t: t * 1e6 if t is not None else float("nan")
+  row = (name, m, k, n, label, us(seconds), us(gpu_seconds), us(mosaic_seconds),
          2 * m * k * n / best / 1e12)
-  print(f"{name:24s} {label:20s} slope {row[5]:9.1f} us  GPU {row[6]:9.1f} us {row[7]:8.1f} TOP/s",
-        flush=True)
+  print(f"{name:24s} {label:20s} slope {row[5]:9.1f} us  GPU {row[6]:9.1f} us (Mosaic {row[7]:7.1f}) "
+        f"{row[8]:8.1f} TOP/s", flush=True)
   return row
 
 
 def markdown(results) -> str:
   device = jax.devices()[0].device_kind
   lines = [f"Device: {device}; jax {jax.__version__}; {datetime.date.today().isoformat()}", "",
-           "| shape | M | K | N | implementation | slope (us) | GPU time (us) | TOP/s |",
-           "|---|---|---|---|---|---|---|---|"]
-  for name, m, k, n, label, us, gpu_us, tops in results:
-    lines.append(f"| {name} | {m} | {k} | {n} | {label} | {us:.1f} | {gpu_us:.1f} | {tops:.1f} |")
+           "| shape | M | K | N | implementation | slope (us) | GPU time (us) | of it Mosaic (us) | TOP/s |",
+           "|---|---|---|---|---|---|---|---|---|"]
+  for name, m, k, n, label, us, gpu_us, mosaic_us, tops in results:
+    lines.append(f"| {name} | {m} | {k} | {n} | {label} | {us:.1f} | {gpu_us:.1f} | {mosaic_us:.1f} "
+                 f"| {tops:.1f} |")
   return "\n".join(lines)
 
 

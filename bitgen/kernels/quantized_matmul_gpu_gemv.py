@@ -9,15 +9,18 @@ end of an array, so N is padded to whole blocks of 64 channels with zero weight 
 the weights, only where N % 64 != 0) and the padded channels are sliced off.
 
 - int8 weights: the wgmma reads both operands from shared memory (K-major, 128-byte swizzle).
-- ternary weights: a step loads one packing group (128 words of each row = 2048 values of K, see
-  `ternary_pack`) from shared memory into registers, 4 consecutive words a thread, in the wgmma's
-  8-bit operand layout. Byte b of the 4 words is gathered into one register (a 4 x 4 byte transpose:
-  8 `prmt`s), so a register holds the codes of planes 4b..4b+3 at 4 consecutive K; plane
-  j = 4b + i is then `((r >> 2i) & 0x03030303) + 0x7f7f7f7f ^ 0x80808080` (per byte: code - 1, the
-  weight in {-1, 0, 1}, no borrow across bytes): 4 integer ops a register of 4 weights, straight
-  into the int8 register operand. The 4 planes of one byte are 512 contiguous values of K: one
-  wgmma (16 k32 instructions) against x's matching columns, 4 a step. Measured: 14.4 us at M=8,
-  K=N=8192 on an H200, about 3x the memory floor (RESULTS_quantized_matmul.md).
+- ternary weights (`_ternary_call`): a warp-specialized kernel: a producer warpgroup streams one
+  packing group a step (128 words of each row = 2048 values of K, see `ternary_pack`, and x's
+  matching columns) through a TMA ring; `warpgroups` consumer warpgroups each load the step's words
+  into registers (4 consecutive words a thread, in the wgmma's 8-bit operand layout) and unpack
+  4 / warpgroups of the bytes: byte b of the 4 words is gathered into one register (`prmt`s), so a
+  register holds the codes c = w + 1 of planes 4b..4b+3 at 4 consecutive K, and one AND (two for the
+  top plane) takes plane 4b + s as c * 4^s (< 128: the wgmma takes signed 8-bit only) straight into
+  the register operand. Planes of weight 1, 4 and 16 go to three accumulators (planes are 128
+  contiguous values of K: one wgmma each, 2 and 3 share one); a fourth accumulator gets -1 times x
+  (the same wgmma with a constant register operand), so sum_k (c - 1) x needs no row sums of x and
+  no work outside the kernel. The consumers' accumulators are summed through shared memory.
+  Measured (RESULTS_quantized_matmul.md): see the dated section there.
 
 With `split_k == 1` the kernel ends the whole product: the int32 accumulator [64, Mp] is scaled
 (x_scale[m] then w_scale[n], as the reference) and stored transposed into out [M, N] from
@@ -26,6 +29,7 @@ sums, transposes and scales them (one small XLA fusion).
 """
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -53,6 +57,7 @@ class GemvConfig:
   block_k: int  # values of K a pipeline step (ternary: one packing group, 2048)
   split_k: int  # CTAs sharing a block of channels, each over K / split_k (1: scaled out in-kernel)
   stages: int  # pipeline depth (steps in flight)
+  warpgroups: int = 1  # ternary: consumer warpgroups, each unpacking 4 / warpgroups bytes of the words
 
 
 def _split_k(k: int, n: int, block_k: int) -> int:
@@ -71,7 +76,7 @@ def default_config(m: int, k: int, n: int, ternary: bool) -> GemvConfig | str:
     block_k = ternary_pack.VALUES_PER_WORD * _GROUP_WORDS
     if k % block_k:
       return f"the ternary GEMV needs K a multiple of {block_k} (whole 128-word groups), got K={k}"
-    return GemvConfig(block_k=block_k, split_k=_split_k(k, n, block_k), stages=3)
+    return GemvConfig(block_k=block_k, split_k=_split_k(k, n, block_k), stages=3, warpgroups=2)
   block_k = next((b for b in (512, 256, 128) if k % b == 0), None)
   if block_k is None:
     return f"the int8 GEMV needs K a multiple of 128, got K={k}"
@@ -83,58 +88,90 @@ def _i32(value: int):
       ir.IntegerType.get_signless(32), value - (1 << 32) if value >= 1 << 31 else value))
 
 
-def _prmt(a, b, selector: int):
+def _prmt(a, b, selector):
   """PTX prmt.b32: result byte i = byte (selector >> 4 i) & 7 of {b:a} (a: bytes 0-3, b: 4-7)."""
-  return mgpu_utils.inline_ptx("prmt.b32 $0, $1, $2, $3;", a, b, _i32(selector),
+  return mgpu_utils.inline_ptx("prmt.b32 $0, $1, $2, $3;", a, b,
+                               _i32(selector) if isinstance(selector, int) else selector,
                                result_types=ir.IntegerType.get_signless(32))
 
 
 _INT8_OPERAND = plgpu.Layout.WGMMA_8BIT
-_OPERAND_TYPE = plgpu.ShapeDtypeStruct((ROWS, _GROUP_WORDS), jnp.int8, layout=_INT8_OPERAND)
+# (shift, mask) of bit pair s of each byte: byte b of (r >> shift) & mask is the code c = w + 1 of
+# plane 4b + s times 1, 4, 16, 16 (always < 128: the wgmma takes signed 8-bit operands only).
+_PLANE_BITS = ((0, 0x03030303), (0, 0x0C0C0C0C), (0, 0x30303030), (2, 0x30303030))
+# The planes of each accumulator (scaled 1, 4, 16): 2 and 3 are neighbours in K (one wgmma).
+_ACC_PLANES = ((0,), (1,), (2, 3))
 
 
-@plgpu.inline_mgpu(arg_types=(_INT8_OPERAND,), return_type=(_OPERAND_TYPE,) * _BYTES)
-def _gather_bytes(_, words):
-  """[64, 128] int32 words (4 consecutive a thread) -> 4 x [64, 128] int8: byte b of each word."""
-  i8x4 = ir.VectorType.get((_BYTES,), ir.IntegerType.get_signless(8))
-  planes = [np.empty(words.registers.shape, dtype=object) for _ in range(_BYTES)]
-  for idx, reg in np.ndenumerate(words.registers):  # reg: vector<4xi32>, words q0..q3 of a row
-    q = [vector.extract(reg, dynamic_position=[], static_position=ir.DenseI64ArrayAttr.get([v]))
-         for v in range(_BYTES)]
-    low01, high01 = _prmt(q[0], q[1], 0x5140), _prmt(q[0], q[1], 0x7362)  # q0.0 q1.0 q0.1 q1.1 / .2 .3
-    low23, high23 = _prmt(q[2], q[3], 0x5140), _prmt(q[2], q[3], 0x7362)
-    gathered = (_prmt(low01, low23, 0x5410), _prmt(low01, low23, 0x7632),
-                _prmt(high01, high23, 0x5410), _prmt(high01, high23, 0x7632))
-    for b in range(_BYTES):
-      planes[b][idx] = mgpu_utils.bitcast(gathered[b], i8x4)
-  return tuple(mgpu.FragmentedArray(_registers=p, _layout=words.layout, _is_signed=True) for p in planes)
+def _operand_type(k: int):
+  return plgpu.ShapeDtypeStruct((ROWS, k), jnp.int8, layout=_INT8_OPERAND)
 
 
-_PLANES_TYPE = plgpu.ShapeDtypeStruct((ROWS, _BYTES * _GROUP_WORDS), jnp.int8, layout=_INT8_OPERAND)
+def _gather_bytes(words, count: int):
+  """[64, 128] int32 words (4 consecutive a thread) -> `count` x [64, 128] int8: bytes b of the words.
 
-
-@plgpu.inline_mgpu(arg_types=(_INT8_OPERAND,), return_type=_PLANES_TYPE)
-def _planes(_, gathered):
-  """Byte b of the words [64, 128] -> the int8 weights {-1, 0, 1} of planes 4b..4b+3 [64, 512].
-
-  Plane 4b + i sits at bits 2i of each byte; the planes are contiguous runs of K, so the 4 of one
-  byte are 512 contiguous values of K: one wgmma against 512 columns of x.
+  b = count * (warpgroup index) + i, i < count (one warpgroup: all 4 bytes). Byte b of 4 consecutive
+  words in one register (a 4 x 4 byte transpose, `prmt`s): the codes of planes 4b..4b+3 at 4
+  consecutive K, as the 8-bit operand layout wants.
   """
-  i32 = ir.IntegerType.get_signless(32)
-  planes = []
-  for shift in range(_BYTES):
-    out = gathered.registers.copy()
-    for idx, reg in enumerate(gathered.registers.flat):
-      r = mgpu_utils.bitcast(reg, i32)
-      if shift:
-        r = arith.shrui(r, _i32(2 * shift))
-      r = arith.andi(r, _i32(0x03030303))
-      r = arith.xori(arith.addi(r, _i32(0x7F7F7F7F)), _i32(0x80808080))  # per byte: code - 1
-      out.flat[idx] = mgpu_utils.bitcast(r, reg.type)
-    planes.append(out)
-  # Register axis 1 counts the 16-column tiles of the operand: the planes follow each other in K.
-  return mgpu.FragmentedArray(_registers=np.concatenate(planes, axis=1), _layout=gathered.layout,
-                              _is_signed=True)
+  @plgpu.inline_mgpu(arg_types=(_INT8_OPERAND,), return_type=(_operand_type(_GROUP_WORDS),) * count)
+  def gather(_, words):
+    i8x4 = ir.VectorType.get((_BYTES,), ir.IntegerType.get_signless(8))
+    if count == _BYTES:
+      pair_selectors = (0x5140, 0x7362)  # q0.0 q1.0 q0.1 q1.1 / .2 .3
+    else:  # count 2: bytes 2h, 2h + 1 of warpgroup h
+      wg = arith.shrui(mgpu_utils.thread_idx(), _i32(7))
+      pair_selectors = (arith.addi(_i32(0x5140), arith.muli(wg, _i32(0x2222))),)
+    out = [np.empty(words.registers.shape, dtype=object) for _ in range(count)]
+    for idx, reg in np.ndenumerate(words.registers):  # reg: vector<4xi32>, words q0..q3 of a row
+      q = [vector.extract(reg, dynamic_position=[], static_position=ir.DenseI64ArrayAttr.get([v]))
+           for v in range(_BYTES)]
+      gathered = []
+      for selector in pair_selectors:
+        pair01, pair23 = _prmt(q[0], q[1], selector), _prmt(q[2], q[3], selector)
+        gathered += [_prmt(pair01, pair23, 0x5410), _prmt(pair01, pair23, 0x7632)]
+      for i in range(count):
+        out[i][idx] = mgpu_utils.bitcast(gathered[i], i8x4)
+    return tuple(mgpu.FragmentedArray(_registers=r, _layout=words.layout, _is_signed=True) for r in out)
+
+  return gather(words)
+
+
+def _codes(gathered, planes: tuple[int, ...]):
+  """Byte b of the words [64, 128] -> the codes of `planes` (s) times 4^s, [64, 128 len(planes)].
+
+  Plane 4b + s is 128 contiguous values of K: the operand is the run of planes 4b + planes[0]...
+  One op a register of 4 weights (two for s = 3).
+  """
+  @plgpu.inline_mgpu(arg_types=(_INT8_OPERAND,), return_type=_operand_type(len(planes) * _GROUP_WORDS))
+  def codes(_, gathered):
+    i32 = ir.IntegerType.get_signless(32)
+    chunks = []
+    for s in planes:
+      shift, mask = _PLANE_BITS[s]
+      out = gathered.registers.copy()
+      for idx, reg in enumerate(gathered.registers.flat):
+        r = mgpu_utils.bitcast(reg, i32)
+        if shift:
+          r = arith.shrui(r, _i32(shift))
+        out.flat[idx] = mgpu_utils.bitcast(arith.andi(r, _i32(mask)), reg.type)
+      chunks.append(out)
+    # Register axis 1 counts the 16-column tiles of the operand: the planes follow each other in K.
+    return mgpu.FragmentedArray(_registers=np.concatenate(chunks, axis=1), _layout=gathered.layout,
+                                _is_signed=True)
+
+  return codes(gathered)
+
+
+def _minus_ones(k: int):
+  """[64, k] int8 of -1 (one register repeated): the wgmma against x sums x's rows, negated."""
+  @plgpu.inline_mgpu(return_type=_operand_type(k))
+  def minus_ones(_):
+    i8 = ir.IntegerType.get_signless(8)
+    return mgpu.FragmentedArray.splat(arith.constant(i8, ir.IntegerAttr.get(i8, -1)), (ROWS, k),
+                                      _INT8_OPERAND.to_mgpu(), is_signed=True)
+
+  return minus_ones()
 
 
 def _store_transposed(acc, x_scale, w_scale, out, *, m: int, scaled: bool):
@@ -177,50 +214,52 @@ def gemv(x: jax.Array, w: jax.Array, x_scale: jax.Array, w_scale: jax.Array, con
   if n != padded_n:  # a TMA block may not pass the array's end: zero channels, sliced off below
     w = jnp.pad(w, ((0, padded_n - n), (0, 0)))
     w_scale = jnp.pad(w_scale, (0, padded_n - n))
+  call = _ternary_call if w.dtype == jnp.uint32 else _int8_call
   if config.split_k > 1 or interpret:
-    partials = _gemv_call(x, w, None, None, config, scaled=False, out_dtype=jnp.int32,
-                          interpret=interpret)  # [S, N, Mp]
+    partials = call(x, w, None, None, config, scaled=False, out_dtype=jnp.int32,
+                    interpret=interpret)  # [S, N, Mp]
     acc = jnp.sum(partials, axis=0)[:n, :m].T  # [M, N]; columns >= M of the partials are padding
     if not scaled:
       return acc
     return (acc.astype(jnp.float32) * x_scale[:, None] * w_scale[None, :n]).astype(out_dtype)
-  out = _gemv_call(x, w, x_scale, w_scale, config, scaled=scaled, out_dtype=out_dtype,
-                   interpret=interpret)  # [M, padded N]
+  out = call(x, w, x_scale, w_scale, config, scaled=scaled, out_dtype=out_dtype,
+             interpret=interpret)  # [M, padded N]
   return out if n == padded_n else out[:, :n]
 
 
-def _gemv_call(x, w, x_scale, w_scale, config: GemvConfig, *, scaled: bool, out_dtype, interpret):
-  """The kernel: [M, N] out_dtype with one K slice (in-kernel epilogue), else [S, N, Mp] int32."""
-  m, k = x.shape
+def _operands(x, w, x_scale, w_scale, config: GemvConfig, *, scaled: bool, out_dtype, fused: bool):
+  """x padded to 8 or 16 rows, the output type and the kernel's operands (unused scales: dummies)."""
+  m = x.shape[0]
   n = w.shape[0]
-  ternary = w.dtype == jnp.uint32
   padded_m = 8 if m <= 8 else 16
   if m != padded_m:  # a TMA block may not pass the array's end: pad x's rows (a few KiB)
     x = jnp.pad(x, ((0, padded_m - m), (0, 0)))
+  if w.dtype == jnp.uint32:
+    w = lax.bitcast_convert_type(w, jnp.int32)  # same bits; the kernel gathers bytes and masks
+  if fused:
+    return (jax.ShapeDtypeStruct((m, n), out_dtype),
+            (x, w, x_scale if scaled else jnp.ones((m,), jnp.float32),
+             w_scale if scaled else jnp.ones((n,), jnp.float32)))
+  return (jax.ShapeDtypeStruct((config.split_k, n, padded_m), jnp.int32),
+          (x, w, jnp.zeros((1,), jnp.float32), jnp.zeros((1,), jnp.float32)))  # unused scales
+
+
+def _int8_call(x, w, x_scale, w_scale, config: GemvConfig, *, scaled: bool, out_dtype, interpret):
+  """The int8 kernel: [M, N] out_dtype with one K slice (in-kernel epilogue), else [S, N, Mp] int32."""
+  m, k = x.shape
+  n = w.shape[0]
   bk, splits = config.block_k, config.split_k
   fused = splits == 1 and not interpret
+  out_type, operands = _operands(x, w, x_scale, w_scale, config, scaled=scaled, out_dtype=out_dtype,
+                                 fused=fused)
+  padded_m = operands[0].shape[0]
   k_slice = k // splits
-  steps = k_slice // bk
   swizzled = (plgpu.TilingTransform((8, _SWIZZLE)), plgpu.SwizzleTransform(_SWIZZLE))
   x_spec = plgpu.BlockSpec((padded_m, bk), lambda t: (0, t), transforms=swizzled)
-  if ternary:
-    w = lax.bitcast_convert_type(w, jnp.int32)  # same bits; the kernel gathers bytes and masks
-    words = bk // ternary_pack.VALUES_PER_WORD
-    w_spec = plgpu.BlockSpec((ROWS, words), lambda t: (0, t))  # plain: loaded into registers
-    w_cols = k_slice // ternary_pack.VALUES_PER_WORD
-  else:
-    w_spec = plgpu.BlockSpec((ROWS, bk), lambda t: (0, t), transforms=swizzled)
-    w_cols = k_slice
+  w_spec = plgpu.BlockSpec((ROWS, bk), lambda t: (0, t), transforms=swizzled)
 
-  def step(acc_ref, _, x_smem, w_smem):
-    # x_smem [Mp, bk] int8 (swizzled); w_smem [64, bk] int8 (swizzled) or [64, 128] int32 words.
-    if ternary:
-      gathered = _gather_bytes(plgpu.load(w_smem, layout=_INT8_OPERAND))
-      for b in range(_BYTES):  # planes 4b..4b+3: x's columns [512 b, 512 (b + 1)), K-major
-        x_planes = x_smem.at[:, pl.ds(b * _BYTES * _GROUP_WORDS, _BYTES * _GROUP_WORDS)].T
-        plgpu.wgmma(acc_ref, _planes(gathered[b]), x_planes)
-    else:
-      plgpu.wgmma(acc_ref, w_smem, x_smem.T)
+  def step(acc_ref, _, x_smem, w_smem):  # x_smem [Mp, bk], w_smem [64, bk] int8 (swizzled)
+    plgpu.wgmma(acc_ref, w_smem, x_smem.T)
     plgpu.wgmma_wait(0)
 
   def kernel(x_gmem, w_gmem, xs_gmem, ws_gmem, out_gmem):
@@ -229,10 +268,10 @@ def _gemv_call(x, w, x_scale, w_scale, config: GemvConfig, *, scaled: bool, out_
 
     def scoped(acc_ref):
       pipeline = plgpu.emit_pipeline(
-          lambda *args: step(acc_ref, *args), grid=(steps,), in_specs=[x_spec, w_spec],
-          max_concurrent_steps=min(config.stages, steps))
+          lambda *args: step(acc_ref, *args), grid=(k_slice // bk,), in_specs=[x_spec, w_spec],
+          max_concurrent_steps=min(config.stages, k_slice // bk))
       pipeline(x_gmem.at[:, pl.ds(split * k_slice, k_slice)],
-               w_gmem.at[rows, pl.ds(split * w_cols, w_cols)])
+               w_gmem.at[rows, pl.ds(split * k_slice, k_slice)])
       if fused:
         _store_transposed(acc_ref[...], xs_gmem, ws_gmem.at[rows], out_gmem.at[:, rows], m=m,
                           scaled=scaled)
@@ -241,17 +280,121 @@ def _gemv_call(x, w, x_scale, w_scale, config: GemvConfig, *, scaled: bool, out_
 
     pl.run_scoped(scoped, plgpu.ACC((ROWS, padded_m), jnp.int32))
 
-  if fused:
-    out_type = jax.ShapeDtypeStruct((m, n), out_dtype)
-    operands = (x, w, x_scale if scaled else jnp.ones((m,), jnp.float32),
-                w_scale if scaled else jnp.ones((n,), jnp.float32))
-  else:
-    out_type = jax.ShapeDtypeStruct((splits, n, padded_m), jnp.int32)
-    operands = (x, w, jnp.zeros((1,), jnp.float32), jnp.zeros((1,), jnp.float32))  # unused
   return plgpu.kernel(
       kernel,
       out_type=out_type,
       grid=(n // ROWS, splits),
       grid_names=("n", "k"),
       interpret=plgpu.InterpretGPUParams() if interpret else None,
+  )(*operands)
+
+
+def _ternary_call(x, w, x_scale, w_scale, config: GemvConfig, *, scaled: bool, out_dtype,
+                  interpret):
+  """The ternary kernel (same outputs as `_int8_call`): a producer warpgroup streams x and the words
+  through a TMA ring; `config.warpgroups` consumers each unpack 4 / warpgroups bytes of every step's
+  words and keep their own accumulators, summed through shared memory at the end.
+
+  Each accumulator multiplies codes w + 1 (times 1, 4, 16: `_PLANE_BITS`); a fourth multiplies -1
+  with x (each consumer its share of K), so the sum is the product with w: no row sums of x outside.
+  """
+  if interpret:
+    raise NotImplementedError("the ternary GEMV's register-level code has no interpret mode")
+  m, k = x.shape
+  n = w.shape[0]
+  splits, consumers = config.split_k, config.warpgroups
+  if consumers not in (1, 2):
+    raise ValueError(f"the ternary GEMV takes 1 or 2 consumer warpgroups, got {consumers}")
+  fused = splits == 1
+  out_type, operands = _operands(x, w, x_scale, w_scale, config, scaled=scaled, out_dtype=out_dtype,
+                                 fused=fused)
+  padded_m = operands[0].shape[0]
+  k_slice, w_cols = k // splits, k // splits // ternary_pack.VALUES_PER_WORD
+  steps = k_slice // config.block_k
+  byte_count = _BYTES // consumers  # bytes of the words a consumer unpacks
+  share = byte_count * _BYTES * _GROUP_WORDS  # values of K a consumer covers a step
+  swizzled = (plgpu.TilingTransform((8, _SWIZZLE)), plgpu.SwizzleTransform(_SWIZZLE))
+  x_spec = plgpu.BlockSpec((padded_m, config.block_k), lambda t: (0, t), transforms=swizzled)
+  w_spec = plgpu.BlockSpec((ROWS, _GROUP_WORDS), lambda t: (0, t))  # plain: loaded into registers
+
+  def get_pipeline(body, compute_context):
+    return plgpu.emit_pipeline_warp_specialized(
+        body, grid=(steps,), memory_registers=40, in_specs=[x_spec, w_spec], wg_axis="wg",
+        num_compute_wgs=consumers, max_concurrent_steps=min(config.stages, steps),
+        compute_context=compute_context)
+
+  def step(_, x_smem, w_smem, accs):
+    # x_smem [Mp, 2048] int8 (swizzled); w_smem [64, 128] int32 words.
+    wg = lax.axis_index("wg")
+    gathered = _gather_bytes(plgpu.load(w_smem, layout=_INT8_OPERAND), byte_count)
+    for i in range(byte_count):  # byte b: planes 4b..4b+3, x's columns [512 b, 512 (b + 1))
+      b = wg * byte_count + i
+      for acc_ref, planes in zip(accs[1:], _ACC_PLANES):
+        start = pl.multiple_of((b * _BYTES + planes[0]) * _GROUP_WORDS, _GROUP_WORDS)
+        x_planes = x_smem.at[:, pl.ds(start, len(planes) * _GROUP_WORDS)].T
+        plgpu.wgmma(acc_ref, _codes(gathered[i], planes), x_planes)
+    x_share = x_smem.at[:, pl.ds(pl.multiple_of(wg * share, share), share)].T
+    plgpu.wgmma(accs[0], _minus_ones(share), x_share)  # - sum of x over this consumer's K
+    plgpu.wgmma_wait(0)
+    return accs
+
+  def kernel(x_gmem, w_gmem, xs_gmem, ws_gmem, out_gmem, sums_smem, sums_barrier):
+    block, split = lax.axis_index("n"), lax.axis_index("k")
+    wg = lax.axis_index("wg")
+    rows = pl.ds(block * ROWS, ROWS)
+    x_slice = x_gmem.at[:, pl.ds(split * k_slice, k_slice)]
+    w_slice = w_gmem.at[rows, pl.ds(split * w_cols, w_cols)]
+
+    def finish(acc):  # [64, Mp] int32, this consumer's share
+      if consumers == 1:
+        return epilogue(acc)
+
+      @pl.when(wg > 0)
+      def _():
+        sums_smem[wg - 1] = acc
+        plgpu.barrier_arrive(sums_barrier)
+
+      @pl.when(wg == 0)
+      def _():
+        plgpu.barrier_wait(sums_barrier)
+        total = acc
+        for i in range(consumers - 1):
+          total = total + plgpu.load(sums_smem.at[i], layout=plgpu.Layout.WGMMA)
+        epilogue(total)
+
+    def epilogue(acc):
+      if fused:
+        _store_transposed(acc, xs_gmem, ws_gmem.at[rows], out_gmem.at[:, rows], m=m, scaled=scaled)
+      else:
+        out_gmem.at[split, rows][...] = acc
+
+    def compute_context(eval_pipeline):
+      acc_type = plgpu.ACC((ROWS, padded_m), jnp.int32)
+
+      @functools.partial(pl.run_scoped, a0=acc_type, a1=acc_type, a4=acc_type, a16=acc_type)
+      def _acc_scope(a0, a1, a4, a16):
+        eval_pipeline((a0, a1, a4, a16))
+        acc = plgpu.layout_cast(a0[...] + a1[...] + (a4[...] >> 2) + (a16[...] >> 4),
+                                plgpu.Layout.WGMMA)  # exact: a4, a16 are multiples of 4, 16
+        finish(acc)
+
+    ignore = lambda *_, **__: None
+
+    @functools.partial(pl.run_scoped,
+                       allocs=get_pipeline(ignore, ignore).get_allocations(x_gmem, w_gmem),
+                       collective_axes="wg")
+    def _scope(allocs):
+      get_pipeline(step, compute_context)(x_slice, w_slice, allocations=allocs)
+
+  return plgpu.kernel(
+      kernel,
+      out_type=out_type,
+      grid=(n // ROWS, splits),
+      grid_names=("n", "k"),
+      num_threads=consumers + 1,
+      thread_name="wg",
+      scratch_types=dict(
+          sums_smem=plgpu.SMEM((max(consumers - 1, 1), ROWS, padded_m), jnp.int32),
+          sums_barrier=plgpu.Barrier(num_arrivals=max(consumers - 1, 1)),
+      ),
   )(*operands)

@@ -258,3 +258,22 @@ def test_gpu_triton_gemm_explicit_config(m, k, n, block_n, num_warps):
                       out_dtype=jnp.float32 if scales is not None else jnp.int32)
 
   _check_on_device(m, k, n, False, run, scaled=m >= config.block_m and num_warps == 8)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("warpgroups", [1, 2])
+@pytest.mark.parametrize("m,k,n,split_k", [(5, 4096, 200, 1), (8, 4096, 128, 2)])
+def test_gpu_ternary_gemv_consumer_warpgroups(m, k, n, split_k, warpgroups):
+  """The ternary GEMV with one or two consumer warpgroups (the default takes two), exact."""
+  if jax.default_backend() != "gpu":
+    pytest.skip("needs a CUDA GPU")
+  from bitgen.kernels import quantized_matmul_gpu as gpu
+  from bitgen.kernels import quantized_matmul_gpu_gemv as gemv
+  config = gemv.GemvConfig(block_k=2048, split_k=split_k, stages=2, warpgroups=warpgroups)
+
+  def run(x, w, scales):
+    x_scale, w_scale = (jnp.ones((m,)), jnp.ones((n,))) if scales is None else scales
+    return gpu.matmul(x, w, x_scale, w_scale, config=config, scaled=scales is not None,
+                      out_dtype=jnp.float32 if scales is not None else jnp.int32)
+
+  _check_on_device(m, k, n, True, run)
