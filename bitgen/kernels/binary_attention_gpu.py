@@ -53,17 +53,6 @@ class GpuTuning:
   # head) by a power of two into e4m3's range and transposed (K-major) by XLA. Costs accuracy and,
   # measured, time (the shared-memory round trip of P outweighs the faster MMA): off.
   pv_fp8: bool = False
-  # FlashAttention-3's intra-warpgroup overlap on the bounded path: each step issues block j's
-  # Q.K and block j-1's P.V, waits only for Q.K, and runs block j's softmax while P.V is on the
-  # tensor cores. O stays in the wgmma accumulator (the bound never rescales it); no ping-pong.
-  # Measured no faster (H100 2026-11-22: 0.59-0.67 ms vs 0.58-0.62 default across runs): ptxas
-  # schedules the P.V wait before the exps (the bf16 packs of block j reuse P.V j-1's operand
-  # registers), so inside a warpgroup P.V still does not overlap the softmax. Off.
-  overlap: bool = False
-  # Row sums l on the tensor cores (bounded path, bf16/f16 P): one extra m64n16 wgmma of P against
-  # a ones tile instead of an add per score and the cross-lane reductions per block. Within noise
-  # of the default (0.612 vs 0.616 ms, same run). Off.
-  tc_row_sum: bool = False
 
 
 GPU_TUNING = GpuTuning()
@@ -78,11 +67,6 @@ _MIN_FACTOR = 1e-30
 # Per-(batch, head) constants are padded to 128 bytes: bulk copies into shared memory need
 # 128-byte aligned destinations.
 _CONSTS_WIDTH = 32
-# Bulk copies a compute warpgroup makes before its loop (one barrier each): q, constants, per-token
-# row factors and shifts, the ones tile of `tc_row_sum`.
-_Q_COPIES = 5
-# Columns of the ones tile that P multiplies for the row sums (the smallest 32-byte swizzled tile).
-_ONES_WIDTH = 16
 
 
 def unsupported_reason(q, k, v, *, causal: bool, segments: bool) -> str | None:
@@ -179,16 +163,12 @@ def binary_attention_gpu(q_sign, q_scale, k_sign, k_scale, v, segments, *, causa
   q8, k8 = q_sign.astype(qk_dtype), k_sign.astype(qk_dtype)
   num_kv_blocks = kv_len // block_kv
   row_layout, col_layout = plgpu.Layout.WGMMA.reduce(1), plgpu.Layout.WGMMA.reduce(0)
-  # The overlapped loop needs the bound (O is never rescaled) and bf16/f16 P in registers.
-  overlap = tuning.overlap and tuning.bounded_softmax and not tuning.pv_fp8
-  row_sum_on_tc = tuning.tc_row_sum and tuning.bounded_softmax and not tuning.pv_fp8
 
-  def kernel(q_ref, k_ref, v_ref, consts_ref, ones_ref, vector_refs, out_ref, scoped):
+  def kernel(q_ref, k_ref, v_ref, consts_ref, vector_refs, out_ref, scoped):
     b, n, tile = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("q_seq")
     wg = lax.axis_index("wg")
     smem, barriers = scoped
-    (q_smem2, o_smem2, k_smem, v_smem, p_smem2, ones_smem2, consts_smem2, rows_smem2,
-     col_smem) = smem
+    q_smem2, o_smem2, k_smem, v_smem, p_smem2, consts_smem2, rows_smem2, col_smem = smem
     q_barriers, k_barriers, v_barriers, col_barriers, k_consumed, v_consumed, schedule = barriers
 
     def rendezvous():
@@ -211,12 +191,10 @@ def binary_attention_gpu(q_sign, q_scale, k_sign, k_scale, v, segments, *, causa
         row_ref, shift_ref, _ = vector_refs
         copies += [(row_ref.at[b, n, pl.ds(q_base, block_q)], rows_smem2.at[wg, 0]),
                    (shift_ref.at[b, n, pl.ds(q_base, block_q)], rows_smem2.at[wg, 1])]
-      if row_sum_on_tc:
-        copies.append((ones_ref, ones_smem2.at[wg]))
       for i, (src, dst) in enumerate(copies):
-        plgpu.copy_gmem_to_smem(src, dst, q_barriers.at[wg * _Q_COPIES + i])
+        plgpu.copy_gmem_to_smem(src, dst, q_barriers.at[wg * 4 + i])
       for i in range(len(copies)):
-        plgpu.barrier_wait(q_barriers.at[wg * _Q_COPIES + i])
+        plgpu.barrier_wait(q_barriers.at[wg * 4 + i])
       factor, shift, use_bound = consts_smem[0], consts_smem[1] - p_offset, consts_smem[2]
       if per_token:
         row_factor = plgpu.load(rows_smem2.at[wg, 0], layout=row_layout)
@@ -226,23 +204,23 @@ def binary_attention_gpu(q_sign, q_scale, k_sign, k_scale, v, segments, *, causa
       acc = plgpu.layout_cast(jnp.full((block_q, head_dim), 0, jnp.float32), plgpu.Layout.WGMMA)
       kv_steps = (pl.cdiv(q_base + block_q, jnp.array(block_kv, jnp.int32)) if causal
                   else max_kv_steps)
-      slot_of = lambda step: lax.rem(jnp.asarray(step, jnp.int32), jnp.int32(steps))
-      row = lambda x, shape=(block_q, block_kv): lax.broadcast_in_dim(x, shape, [0])
 
-      def issue_scores(step, s_ref):  # 1. S = sign(q) sign(k)^T, [block_q, block_kv], exact
-        slot = slot_of(step)
+      def kv_step(step, carry, *, masked, bounded):
+        acc, m_i, l_i = carry
+        slot = lax.rem(step, jnp.array(steps, step.dtype))
         plgpu.barrier_wait(k_barriers.at[slot])
         if per_token:
           plgpu.barrier_wait(col_barriers.at[slot])
-        plgpu.wgmma(s_ref, q_smem, k_smem.at[slot].transpose((1, 0)))
 
-      def logits(step, s, *, masked):
-        """2. Base-2 logits before the row factor and shift (per token: s * f_col), masked; K's
-        slot (and its column factors) is released here."""
-        slot = slot_of(step)
+        def scores(acc_ref):  # 1. [block_q, block_kv], exact
+          plgpu.wgmma(acc_ref, q_smem, k_smem.at[slot].transpose((1, 0)))
+          rendezvous()
+          return acc_ref[...]
+        s = pl.run_scoped(scores, plgpu.ACC((block_q, block_kv), acc_dtype))
         if per_token:
           col_factor = plgpu.load(col_smem.at[slot], layout=col_layout)
         plgpu.barrier_arrive(k_consumed.at[slot])
+        # 2. Base-2 logits x = s * f (per token: s * f_col first, f_row below).
         s = s.astype(jnp.float32)
         if per_token:
           s = s * lax.broadcast_in_dim(col_factor, s.shape, [1])
@@ -250,39 +228,23 @@ def binary_attention_gpu(q_sign, q_scale, k_sign, k_scale, v, segments, *, causa
           q_ids = plgpu.broadcasted_iota(jnp.int32, s.shape, 0, layout=plgpu.Layout.WGMMA)
           kv_ids = plgpu.broadcasted_iota(jnp.int32, s.shape, 1, layout=plgpu.Layout.WGMMA)
           s = jnp.where(q_ids + q_base >= kv_ids + step * block_kv, s, -jnp.inf)
-        return s
-
-      def exp2(x, *, masked):
-        split = block_kv - tuning.poly_exp_cols
-        if tuning.poly_exp_cols and not masked:
-          return jnp.concatenate([jnp.exp2(x[:, :split]), _exp2_fma(x[:, split:])], axis=1)
-        return jnp.exp2(x)
-
-      def bounded_p(s, *, masked):  # 3. p = exp2(x - bound) (f > 0: x <= bound)
-        x = s * row(row_factor) - row(row_shift) if per_token else s * factor - shift
-        return exp2(x, masked=masked)
-
-      def kv_step(step, carry, *, masked, bounded):
-        acc, m_i, l_i = carry
-        slot = slot_of(step)
-
-        def scores(acc_ref):
-          issue_scores(step, acc_ref)
-          rendezvous()
-          return acc_ref[...]
-        s = pl.run_scoped(scores, plgpu.ACC((block_q, block_kv), acc_dtype))
-        s = logits(step, s, masked=masked)
+        row = lambda x, shape=s.shape: lax.broadcast_in_dim(x, shape, [0])
         # 3. p = exp2(x - m) with m the bound or the running max (f > 0: max(s f) = f max(s)).
         if bounded:
           m_new = m_i
-          p = bounded_p(s, masked=masked)
-          if not row_sum_on_tc:
-            l_i = l_i + p.sum(axis=1)
+          x = s * row(row_factor) - row(row_shift) if per_token else s * factor - shift
         else:
           s_max = s.max(axis=1)
           m_new = jnp.maximum(m_i, s_max * row_factor if per_token else s_max * factor)
           x = s * (row(row_factor) if per_token else factor) - row(m_new - p_offset)
-          p = exp2(x, masked=masked)
+        split = block_kv - tuning.poly_exp_cols
+        if tuning.poly_exp_cols and not masked:
+          p = jnp.concatenate([jnp.exp2(x[:, :split]), _exp2_fma(x[:, split:])], axis=1)
+        else:
+          p = jnp.exp2(x)
+        if bounded:
+          l_i = l_i + p.sum(axis=1)
+        else:
           alpha = jnp.exp2(m_i - m_new)
           l_i = l_i * alpha + p.sum(axis=1)
           acc = acc * row(alpha, acc.shape)
@@ -300,118 +262,37 @@ def binary_attention_gpu(q_sign, q_scale, k_sign, k_scale, v, segments, *, causa
             plgpu.wgmma(acc_ref, p_smem2.at[wg], v_smem.at[slot].transpose((1, 0)))
           else:
             plgpu.wgmma(acc_ref, p.astype(dtype), v_smem.at[slot])
-
-        def pv_and_row_sums(refs):  # l_i: [block_q, _ONES_WIDTH], every column the row sum
-          acc_ref, l_ref = refs
-          p16 = p.astype(dtype)
-          plgpu.wgmma(acc_ref, p16, v_smem.at[slot])
-          plgpu.wgmma(l_ref, p16, ones_smem2.at[wg])
-        if bounded and row_sum_on_tc:
-          acc, l_i = pl.run_state(pv_and_row_sums)((plgpu.ACC.init(acc), plgpu.ACC.init(l_i)))
-        else:
-          acc = pl.run_state(pv)(plgpu.ACC.init(acc))
+        acc = pl.run_state(pv)(plgpu.ACC.init(acc))
         plgpu.barrier_arrive(v_consumed.at[slot])
         return acc, m_new, l_i
 
-      def causal_split(step_fn, first, carry):
-        """Steps [first, kv_steps): unmasked below the diagonal blocks, then masked."""
-        if not causal:
-          return lax.fori_loop(first, kv_steps, functools.partial(step_fn, masked=False), carry)
-        full_steps = lax.div(q_base, jnp.array(block_kv, jnp.int32))
-        carry = lax.fori_loop(first, jnp.maximum(full_steps, first),
-                              functools.partial(step_fn, masked=False), carry)
-        return lax.fori_loop(jnp.maximum(full_steps, first), kv_steps,
-                             functools.partial(step_fn, masked=True), carry)
-
-      def release_rest(pingpong):
-        if causal:
-          @pl.loop(kv_steps, max_kv_steps)
-          def _release(step):  # slots loaded for the other warpgroup's longer range
-            slot = slot_of(step)
-            plgpu.barrier_arrive(k_consumed.at[slot])
-            plgpu.barrier_arrive(v_consumed.at[slot])
-            if pingpong:
-              rendezvous()
-              rendezvous()
-
       def kv_loop(carry, bounded):
-        tc_sums = bounded and row_sum_on_tc
-        if tc_sums:
-          carry = (*carry[:2], plgpu.layout_cast(
-              jnp.full((block_q, _ONES_WIDTH), 0, jnp.float32), plgpu.Layout.WGMMA))
-        pl.when(wg == 1)(rendezvous)  # offsets the two warpgroups by half an iteration
-        carry = causal_split(functools.partial(kv_step, bounded=bounded), 0, carry)
-        release_rest(pingpong=True)
-        pl.when(wg == 0)(rendezvous)
-        acc, _, l_i = carry
-        return acc, l_i.max(axis=1) if tc_sums else l_i
-
-      def overlap_loop(carry):
-        """Bounded softmax, FA3's intra-warpgroup overlap: step j issues Q.K of block j and P.V of
-        block j-1, waits for Q.K only, then runs block j's softmax while P.V is in flight."""
-        _, _, l_i = carry
-
-        def with_accumulators(o_ref, l_ref=None):
-          def softmax(step, s, l_i, *, masked):  # f32 p: bf16 P is written once P.V j-1 is done
-            p = bounded_p(logits(step, s, masked=masked), masked=masked)
-            if l_ref is None:
-              l_i = l_i + p.sum(axis=1)
-            return p, l_i
-
-          def issue_pv(step, p):
-            slot = slot_of(step)
-            plgpu.barrier_wait(v_barriers.at[slot])
-            plgpu.wgmma(o_ref, p, v_smem.at[slot])
-            if l_ref is not None:
-              plgpu.wgmma(l_ref, p, ones_smem2.at[wg])
-
-          def first_scores(s_ref):
-            issue_scores(0, s_ref)
-            return s_ref[...]
-          s = pl.run_scoped(first_scores, plgpu.ACC((block_q, block_kv), acc_dtype))
-          p, l = softmax(0, s, l_i, masked=causal)
-
-          def step_fn(step, carry, *, masked):
-            p_prev, l = carry
-
-            def scores(s_ref):
-              issue_scores(step, s_ref)
-              issue_pv(step - 1, p_prev)
-              # Q.K was committed before P.V (and the l wgmma): wait for it alone.
-              return plgpu.wgmma_accumulator_load(s_ref, wait_n=1 if l_ref is None else 2)
-            s = pl.run_scoped(scores, plgpu.ACC((block_q, block_kv), acc_dtype))
-            p, l = softmax(step, s, l, masked=masked)
-            # The softmax has no register inputs from P.V: the barrier keeps LLVM from sinking
-            # it below the wait (ptxas still hoists the wait, see `overlap`). Packing to bf16
-            # only after the wait leaves P.V's operands untouched in flight (packing before it
-            # made ptxas serialise every wgmma).
-            p, l = lax.optimization_barrier((p, l))
-            plgpu.wgmma_wait(0)  # P.V of block j-1 done: its V slot and P registers are free
-            plgpu.barrier_arrive(v_consumed.at[slot_of(step - 1)])
-            return p.astype(dtype), l
-
-          p, l = causal_split(step_fn, 1, (p.astype(dtype), l))
-          issue_pv(kv_steps - 1, p)
-          o = o_ref[...]
-          plgpu.barrier_arrive(v_consumed.at[slot_of(kv_steps - 1)])
-          if l_ref is not None:
-            l = l_ref[...].max(axis=1)  # every column holds the row sum
-          return o, l
-
-        accumulators = [plgpu.ACC((block_q, head_dim), jnp.float32)]
-        if row_sum_on_tc:
-          accumulators.append(plgpu.ACC((block_q, _ONES_WIDTH), jnp.float32))
-        out = pl.run_scoped(with_accumulators, *accumulators)
-        release_rest(pingpong=False)
-        return out
+        if causal:
+          full_steps = lax.div(q_base, jnp.array(block_kv, jnp.int32))
+          carry = lax.fori_loop(0, full_steps, functools.partial(
+              kv_step, masked=False, bounded=bounded), carry)
+          return lax.fori_loop(full_steps, kv_steps, functools.partial(
+              kv_step, masked=True, bounded=bounded), carry)
+        return lax.fori_loop(0, kv_steps, functools.partial(
+            kv_step, masked=False, bounded=bounded), carry)
 
       carry = (acc, m_i, l_i)
+      pl.when(wg == 1)(rendezvous)  # offsets the two warpgroups by half an iteration
       if tuning.bounded_softmax:
-        bounded_loop = overlap_loop if overlap else functools.partial(kv_loop, bounded=True)
-        acc, l_i = lax.cond(use_bound > 0, bounded_loop,
-                            functools.partial(kv_loop, bounded=False), carry)
+        carry = lax.cond(use_bound > 0, functools.partial(kv_loop, bounded=True),
+                         functools.partial(kv_loop, bounded=False), carry)
       else:
-        acc, l_i = kv_loop(carry, bounded=False)
+        carry = kv_loop(carry, bounded=False)
+      if causal:
+        @pl.loop(kv_steps, max_kv_steps)
+        def _release(step):  # slots loaded for the other warpgroup's longer range
+          slot = lax.rem(step, jnp.array(steps, step.dtype))
+          plgpu.barrier_arrive(k_consumed.at[slot])
+          plgpu.barrier_arrive(v_consumed.at[slot])
+          rendezvous()
+          rendezvous()
+      pl.when(wg == 0)(rendezvous)
+      acc, _, l_i = carry
       if tuning.pv_fp8:
         l_i = l_i / consts_smem[3]  # V's scale
       acc = acc / lax.broadcast_in_dim(l_i, acc.shape, [0])
@@ -424,18 +305,14 @@ def binary_attention_gpu(q_sign, q_scale, k_sign, k_scale, v, segments, *, causa
     def _memory():
       plgpu.set_max_registers(40, action="decrease")
 
-      def load(step, slot, wait=False):
+      def load(step, slot):
         kv = (b, pl.ds(step * block_kv, block_kv), n)
-        if wait:  # K as soon as its slot is consumed, V once both warpgroups are done with it
-          plgpu.barrier_wait(k_consumed.at[slot])
         plgpu.copy_gmem_to_smem(k_ref.at[kv], k_smem.at[slot], k_barriers.at[slot])
         if per_token:
           plgpu.copy_gmem_to_smem(vector_refs[2].at[b, n, pl.ds(step * block_kv, block_kv)],
                                   col_smem.at[slot], col_barriers.at[slot])
         v_src = (v_ref.at[b, n, :, pl.ds(step * block_kv, block_kv)] if tuning.pv_fp8
                  else v_ref.at[kv])
-        if wait:
-          plgpu.barrier_wait(v_consumed.at[slot])
         plgpu.copy_gmem_to_smem(v_src, v_smem.at[slot], v_barriers.at[slot])
 
       for i in range(min(steps, num_kv_blocks)):  # static bound: slices are checked at trace time
@@ -444,11 +321,12 @@ def binary_attention_gpu(q_sign, q_scale, k_sign, k_scale, v, segments, *, causa
       @pl.loop(0, max_kv_steps - steps)
       def _stream(step):
         slot = lax.rem(step, jnp.array(steps, step.dtype))
-        load(step + steps, slot, wait=True)
+        plgpu.barrier_wait(k_consumed.at[slot])
+        plgpu.barrier_wait(v_consumed.at[slot])
+        load(step + steps, slot)
 
   def entry(q_ref, k_ref, v_ref, consts_ref, *rest):
-    *rest, out_ref = rest
-    ones_ref, vector_refs = (rest[0], rest[1:]) if row_sum_on_tc else (None, rest)
+    *vector_refs, out_ref = rest
     qk_tf, v_tf = _smem_transforms(qk_dtype, head_dim), _smem_transforms(dtype, head_dim)
     p8_tf = _smem_transforms(jnp.float8_e4m3fn, block_kv)
     v_tile = (head_dim, block_kv) if tuning.pv_fp8 else (block_kv, head_dim)
@@ -459,23 +337,18 @@ def binary_attention_gpu(q_sign, q_scale, k_sign, k_scale, v, segments, *, causa
             plgpu.SMEM((steps, block_kv, head_dim), qk_dtype, transforms=qk_tf),
             plgpu.SMEM((steps, *v_tile), v_in.dtype, transforms=p8_tf if tuning.pv_fp8 else v_tf),
             plgpu.SMEM((2, block_q, block_kv), p_dtype, transforms=p8_tf) if tuning.pv_fp8 else None,
-            plgpu.SMEM((2, block_kv, _ONES_WIDTH), dtype,
-                       transforms=_smem_transforms(dtype, _ONES_WIDTH)) if row_sum_on_tc else None,
             plgpu.SMEM((2, _CONSTS_WIDTH), jnp.float32),
             plgpu.SMEM((2, 2, block_q), jnp.float32) if per_token else None,
             plgpu.SMEM((steps, block_kv), jnp.float32) if per_token else None)
-    barriers = (plgpu.Barrier(num_barriers=2 * _Q_COPIES),
+    barriers = (plgpu.Barrier(num_barriers=8),  # 4 per compute warpgroup: q, consts, row vectors
                 *(plgpu.Barrier(num_barriers=steps) for _ in range(3)),
                 *(plgpu.Barrier(num_arrivals=2, num_barriers=steps) for _ in range(2)),
                 plgpu.Barrier(num_arrivals=2))
     pl.run_scoped(lambda smem_refs, barrier_refs: kernel(
-        q_ref, k_ref, v_ref, consts_ref, ones_ref, vector_refs, out_ref,
-        (smem_refs, barrier_refs)),
+        q_ref, k_ref, v_ref, consts_ref, vector_refs, out_ref, (smem_refs, barrier_refs)),
                   smem, barriers, collective_axes="wg")
 
   vector_args = () if vectors is None else vectors
-  if row_sum_on_tc:
-    vector_args = (jnp.ones((block_kv, _ONES_WIDTH), dtype), *vector_args)
   out = plgpu.kernel(
       entry,
       out_type=jax.ShapeDtypeStruct((batch, q_len, heads, head_dim), dtype),
