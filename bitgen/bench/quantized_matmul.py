@@ -211,7 +211,8 @@ def sweep(trials: int, copies: int, sets=("gemv", "gemm")):
   from bitgen.kernels import quantized_matmul_gpu_gemm as mosaic_gemm
   from bitgen.kernels import quantized_matmul_gpu_gemv as gemv
   gemv_configs = {  # (block_k, split_k, stages[, consumer warpgroups]); split_k 1: one kernel
-      "ternary": [(2048, 1, 3, 1), (2048, 1, 3, 2), (2048, 1, 4, 2), (2048, 2, 2, 2)],
+      "ternary": [(2048, 1, 3, 2), (2048, 1, 3, 2, "xsum"), (2048, 1, 4, 2, "xsum"),
+                  (2048, 1, 3, 1, "xsum"), (2048, 2, 2, 2, "xsum")],
       "int8": [(512, 1, 6)],
   }
   gemm_configs = [mosaic_gemm.GemmConfig(), mosaic_gemm.GemmConfig(wgmma_in_flight=0),
@@ -279,6 +280,7 @@ def main(argv=None):
   parser.add_argument("--copies", type=int, default=64, help="at most this many weight copies")
   parser.add_argument("--sweep", action="store_true",
                       help="also time candidate GPU configs (of the gemv / gemm sets in --shapes)")
+  parser.add_argument("--sweep-only", action="store_true", help="only the --sweep configs")
   parser.add_argument("--shapes", default="gemv,gemm,inf2b_decode,inf2b_prefill",
                       help="comma-separated sets: " + ", ".join(SHAPE_SETS))
   args = parser.parse_args(argv)
@@ -289,7 +291,8 @@ def main(argv=None):
   backend = jax.default_backend()
   implementation = backend if backend in ("gpu", "tpu") else "auto"  # a kernel, never a silent fallback
   results = sweep(args.trials, args.copies, args.shapes.split(",")) if args.sweep else []
-  results += run(shapes, args.trials, args.copies, implementation)
+  if not args.sweep_only:
+    results += run(shapes, args.trials, args.copies, implementation)
   print()
   print(markdown(results))
 

@@ -261,15 +261,17 @@ def test_gpu_triton_gemm_explicit_config(m, k, n, block_n, num_warps):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("code_offset", ["bytes", "xsum"])
 @pytest.mark.parametrize("warpgroups", [1, 2])
-@pytest.mark.parametrize("m,k,n,split_k", [(5, 4096, 200, 1), (8, 4096, 128, 2)])
-def test_gpu_ternary_gemv_consumer_warpgroups(m, k, n, split_k, warpgroups):
-  """The ternary GEMV with one or two consumer warpgroups (the default takes two), exact."""
+@pytest.mark.parametrize("m,k,n,split_k", [(5, 4096, 200, 1), (8, 4096, 128, 2), (13, 2048, 64, 1)])
+def test_gpu_ternary_gemv_variants(m, k, n, split_k, warpgroups, code_offset):
+  """The ternary GEMV with one or two consumer warpgroups and either code offset, exact."""
   if jax.default_backend() != "gpu":
     pytest.skip("needs a CUDA GPU")
   from bitgen.kernels import quantized_matmul_gpu as gpu
   from bitgen.kernels import quantized_matmul_gpu_gemv as gemv
-  config = gemv.GemvConfig(block_k=2048, split_k=split_k, stages=2, warpgroups=warpgroups)
+  config = gemv.GemvConfig(block_k=2048, split_k=split_k, stages=2, warpgroups=warpgroups,
+                           code_offset=code_offset)
 
   def run(x, w, scales):
     x_scale, w_scale = (jnp.ones((m,)), jnp.ones((n,))) if scales is None else scales
