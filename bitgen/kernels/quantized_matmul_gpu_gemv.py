@@ -17,9 +17,8 @@ the weights, only where N % 64 != 0) and the padded channels are sliced off.
   register holds the codes c = w + 1 of planes 4b..4b+3 at 4 consecutive K, and one AND (two for the
   top plane) takes plane 4b + s as c * 4^s (< 128: the wgmma takes signed 8-bit only) straight into
   the register operand. Planes of weight 1, 4 and 16 go to three accumulators (planes are 128
-  contiguous values of K: one wgmma each, 2 and 3 share one). The code offset: either two more ops
-  a register make each byte (c - 1) 4^s (code_offset "bytes"), or the consumers sum x's rows from
-  shared memory (dp4a, "xsum") and subtract them at the end: no work outside the kernel either way.
+  contiguous values of K: one wgmma each, 2 and 3 share one). Two more ops a register make each byte
+  the weight (c - 1) 4^s, so no work on x is needed outside the kernel.
   The consumers' accumulators are summed through shared memory.
   Measured: 10.8 us GPU time at M=8, K=N=8192 on an H100 (2 consumers, offset in the bytes), about
   2.2x the memory floor; the variants and what each bought: RESULTS_quantized_matmul.md.
@@ -60,9 +59,6 @@ class GemvConfig:
   split_k: int  # CTAs sharing a block of channels, each over K / split_k (1: scaled out in-kernel)
   stages: int  # pipeline depth (steps in flight)
   warpgroups: int = 1  # ternary: consumer warpgroups, each unpacking 4 / warpgroups bytes of the words
-  # ternary: "bytes": each byte is (c - 1) * 4^s (two more ops a register: + bias, ^ 0x80808080);
-  # "xsum": the codes c * 4^s, minus the row sums of x, summed by the consumers from shared memory
-  code_offset: str = "bytes"
 
 
 def _split_k(k: int, n: int, block_k: int) -> int:
@@ -126,9 +122,9 @@ def _gather_bytes(words, count: int):
     i8x4 = ir.VectorType.get((_BYTES,), ir.IntegerType.get_signless(8))
     if count == _BYTES:
       pair_selectors = (0x5140, 0x7362)  # q0.0 q1.0 q0.1 q1.1 / .2 .3
-    else:  # count 2: bytes 2h, 2h + 1 of warpgroup h
+    else:  # bytes count h .. count (h + 1) - 1 of warpgroup h: q0.b q1.b q0.b+1 q1.b+1, b = count h
       wg = arith.shrui(mgpu_utils.thread_idx(), _i32(7))
-      pair_selectors = (arith.addi(_i32(0x5140), arith.muli(wg, _i32(0x2222))),)
+      pair_selectors = (arith.addi(_i32(0x5140), arith.muli(wg, _i32(0x1111 * count))),)
     out = [np.empty(words.registers.shape, dtype=object) for _ in range(count)]
     for idx, reg in np.ndenumerate(words.registers):  # reg: vector<4xi32>, words q0..q3 of a row
       q = [vector.extract(reg, dynamic_position=[], static_position=ir.DenseI64ArrayAttr.get([v]))
@@ -136,7 +132,7 @@ def _gather_bytes(words, count: int):
       gathered = []
       for selector in pair_selectors:
         pair01, pair23 = _prmt(q[0], q[1], selector), _prmt(q[2], q[3], selector)
-        gathered += [_prmt(pair01, pair23, 0x5410), _prmt(pair01, pair23, 0x7632)]
+        gathered += [_prmt(pair01, pair23, 0x5410), _prmt(pair01, pair23, 0x7632)][:count]
       for i in range(count):
         out[i][idx] = mgpu_utils.bitcast(gathered[i], i8x4)
     return tuple(mgpu.FragmentedArray(_registers=r, _layout=words.layout, _is_signed=True) for r in out)
@@ -144,12 +140,12 @@ def _gather_bytes(words, count: int):
   return gather(words)
 
 
-def _codes(gathered, planes: tuple[int, ...], offset: bool):
+def _codes(gathered, planes: tuple[int, ...]):
   """Byte b of the words [64, 128] -> the codes c of `planes` (s) times 4^s, [64, 128 len(planes)]
-  (`offset`: the weights c - 1 times 4^s).
+  minus 1: the weights c - 1 times 4^s.
 
   Plane 4b + s is 128 contiguous values of K: the operand is the run of planes 4b + planes[0]...
-  One op a register of 4 weights (two for s = 3), two more with `offset`.
+  Three ops a register of 4 weights (four for s = 3).
   """
   @plgpu.inline_mgpu(arg_types=(_INT8_OPERAND,), return_type=_operand_type(len(planes) * _GROUP_WORDS))
   def codes(_, gathered):
@@ -163,8 +159,7 @@ def _codes(gathered, planes: tuple[int, ...], offset: bool):
         if shift:
           r = arith.shrui(r, _i32(shift))
         r = arith.andi(r, _i32(mask))
-        if offset:
-          r = arith.xori(arith.addi(r, _i32(bias)), _i32(0x80808080))
+        r = arith.xori(arith.addi(r, _i32(bias)), _i32(0x80808080))
         out.flat[idx] = mgpu_utils.bitcast(r, reg.type)
       chunks.append(out)
     # Register axis 1 counts the 16-column tiles of the operand: the planes follow each other in K.
@@ -172,126 +167,6 @@ def _codes(gathered, planes: tuple[int, ...], offset: bool):
                                 _is_signed=True)
 
   return codes(gathered)
-
-
-def _index(value: int):
-  return arith.constant(ir.IndexType.get(), value)
-
-
-def _row_sum_lines(padded_m: int, consumers: int) -> tuple[int, int]:
-  """(lines of x's swizzled tile a consumer sums a step, 16-byte units a thread takes of them).
-
-  A line is one row's 128 values of K (the 128-byte swizzle permutes 16-byte units inside a line
-  only, so a line's sum is a sum over 128 columns of one row of x).
-  """
-  lines = padded_m // 8 * (_BYTES * _GROUP_WORDS * _BYTES // consumers // _SWIZZLE) * 8
-  return lines, lines * (_SWIZZLE // 16) // 128
-
-
-def _thread_lines(padded_m: int, consumers: int):
-  """The lines (and units of them) of thread t of a consumer: [(line, first unit, units)]."""
-  lines, units = _row_sum_lines(padded_m, consumers)
-  t = arith.remui(arith.index_cast(ir.IndexType.get(), mgpu_utils.thread_idx()), _index(128))
-  if units <= 8:  # part of one line
-    per_line = 8 // units
-    return [(arith.divui(t, _index(per_line)),
-             arith.muli(arith.remui(t, _index(per_line)), _index(units)), units)]
-  return [(arith.addi(t, _index(128 * q)), _index(0), 8) for q in range(units // 8)]
-
-
-def _line_row(line, padded_m: int, consumers: int):
-  """Row of x of a line of the tiled [Mp / 8, share / 128, 8, 128] layout."""
-  lines, _ = _row_sum_lines(padded_m, consumers)
-  per_row_tile = lines // (padded_m // 8)
-  return arith.addi(arith.muli(arith.divui(line, _index(per_row_tile)), _index(8)),
-                    arith.remui(line, _index(8)))
-
-
-def _add_row_sums(x_smem, slots, *, padded_m: int, consumers: int):
-  """Adds this step's share of x (consumer h: columns [h share, (h + 1) share)) into the thread's
-  slots [consumers, 2, 128] int32, one a line it sums (dp4a of 4 bytes at a time)."""
-  swizzled = (plgpu.TilingTransform((8, _SWIZZLE)), plgpu.SwizzleTransform(_SWIZZLE))
-
-  @plgpu.inline_mgpu(arg_types=(plgpu.RefType(swizzled), plgpu.RefType()))
-  def add(_, x_ref, slots_ref):
-    # x_ref: [Mp / 8, bk / 128, 8, 128] int8, tiles of 8 rows x 128 values (swizzled inside).
-    i32 = ir.IntegerType.get_signless(32)
-    index = ir.IndexType.get()
-    tid = arith.index_cast(index, mgpu_utils.thread_idx())
-    wg, t = arith.divui(tid, _index(128)), arith.remui(tid, _index(128))
-    lines, _ = _row_sum_lines(padded_m, consumers)
-    tiles = lines // (padded_m // 8) // 8  # column tiles of a consumer's share
-    for q, (line, first, units) in enumerate(_thread_lines(padded_m, consumers)):
-      row_tile = arith.divui(line, _index(tiles * 8))
-      col_tile = arith.addi(arith.muli(wg, _index(tiles)),
-                            arith.remui(arith.divui(line, _index(8)), _index(tiles)))
-      r = arith.remui(line, _index(8))
-      total = memref.load(slots_ref, [wg, _index(q), t])
-      for u in range(units):
-        col = arith.muli(arith.addi(first, _index(u)), _index(16))
-        v = vector.load(ir.VectorType.get((16,), ir.IntegerType.get_signless(8)), x_ref,
-                        [row_tile, col_tile, r, col])
-        words = mgpu_utils.bitcast(v, ir.VectorType.get((4,), i32))
-        for e in range(4):
-          word = vector.extract(words, dynamic_position=[], static_position=ir.DenseI64ArrayAttr.get([e]))
-          total = mgpu_utils.inline_ptx("dp4a.s32.s32 $0, $1, $2, $3;", word, _i32(0x01010101), total,
-                                        result_types=i32)
-      memref.store(total, slots_ref, [wg, _index(q), t])
-
-  add(x_smem, slots)
-
-
-def _zero_row_sums(slots, sums):
-  """Zeroes the thread's slots and (threads < 16) its consumer's row sums [consumers, 16]."""
-  @plgpu.inline_mgpu(arg_types=(plgpu.RefType(), plgpu.RefType()))
-  def zero(_, slots_ref, sums_ref):
-    tid = arith.index_cast(ir.IndexType.get(), mgpu_utils.thread_idx())
-    wg, t = arith.divui(tid, _index(128)), arith.remui(tid, _index(128))
-    for q in range(2):
-      memref.store(_i32(0), slots_ref, [wg, _index(q), t])
-    with mgpu_utils.when(arith.cmpi(arith.CmpIPredicate.ult, t, _index(16))):
-      memref.store(_i32(0), sums_ref, [wg, t])
-
-  zero(slots, sums)
-
-
-def _reduce_row_sums(slots, sums, *, padded_m: int, consumers: int):
-  """The consumer's slots -> its row sums [consumers, 16] (shared-memory atomics), synchronized."""
-  @plgpu.inline_mgpu(arg_types=(plgpu.RefType(), plgpu.RefType()))
-  def reduce(_, slots_ref, sums_ref):
-    tid = arith.index_cast(ir.IndexType.get(), mgpu_utils.thread_idx())
-    wg, t = arith.divui(tid, _index(128)), arith.remui(tid, _index(128))
-    mgpu_utils.warpgroup_barrier()  # the zeroed sums are visible
-    for q, (line, _, _) in enumerate(_thread_lines(padded_m, consumers)):
-      value = memref.load(slots_ref, [wg, _index(q), t])
-      memref.atomic_rmw(arith.AtomicRMWKind.addi, value, sums_ref,
-                        [wg, _line_row(line, padded_m, consumers)])
-    mgpu_utils.warpgroup_barrier()
-
-  reduce(slots, sums)
-
-
-def _minus_row_sums(acc, sums, consumers: int):
-  """acc [64, Mp] int32 (channels x rows) minus the row sums of x: sum over consumers of sums[:, m]."""
-  @plgpu.inline_mgpu(arg_types=(plgpu.Layout.WGMMA, plgpu.RefType()),
-                     return_type=plgpu.ShapeDtypeStruct(acc.shape, jnp.int32, layout=plgpu.Layout.WGMMA))
-  def minus(_, acc, sums_ref):
-    index = ir.IndexType.get()
-    out = acc.registers.copy()
-    [vec_len] = ir.VectorType(acc.registers.flat[0].type).shape
-    for i, (reg, (_, col)) in enumerate(zip(acc.registers.flat, acc.layout.thread_idxs(acc.shape))):
-      for e in range(vec_len):
-        col_e = arith.addi(col, arith.constant(index, e))
-        total = memref.load(sums_ref, [_index(0), col_e])
-        for h in range(1, consumers):
-          total = arith.addi(total, memref.load(sums_ref, [_index(h), col_e]))
-        value = vector.extract(reg, dynamic_position=[], static_position=ir.DenseI64ArrayAttr.get([e]))
-        reg = vector.insert(arith.subi(value, total), reg, dynamic_position=[],
-                            static_position=ir.DenseI64ArrayAttr.get([e]))
-      out.flat[i] = reg
-    return mgpu.FragmentedArray(_registers=out, _layout=acc.layout, _is_signed=True)
-
-  return minus(plgpu.layout_cast(acc, plgpu.Layout.WGMMA), sums)
 
 
 def _store_transposed(acc, x_scale, w_scale, out, *, m: int, scaled: bool):
@@ -415,20 +290,15 @@ def _ternary_call(x, w, x_scale, w_scale, config: GemvConfig, *, scaled: bool, o
   through a TMA ring; `config.warpgroups` consumers each unpack 4 / warpgroups bytes of every step's
   words and keep their own accumulators, summed through shared memory at the end.
 
-  Three accumulators take planes times 1, 4, 16 (`_PLANE_BITS`): the weights c - 1 (code_offset
-  "bytes"), or the codes c minus the row sums of x, which each consumer adds up for its share of
-  x's columns from shared memory ("xsum"): no work outside the kernel either way.
+  Three accumulators take the weights c - 1 of planes times 1, 4, 16 (`_PLANE_BITS`).
   """
   if interpret:
     raise NotImplementedError("the ternary GEMV's register-level code has no interpret mode")
   m, k = x.shape
   n = w.shape[0]
   splits, consumers = config.split_k, config.warpgroups
-  if consumers not in (1, 2):
-    raise ValueError(f"the ternary GEMV takes 1 or 2 consumer warpgroups, got {consumers}")
-  if config.code_offset not in ("bytes", "xsum"):
-    raise ValueError(f"code_offset must be 'bytes' or 'xsum', got {config.code_offset!r}")
-  row_sums = config.code_offset == "xsum"
+  if consumers not in (1, 2, 4):
+    raise ValueError(f"the ternary GEMV takes 1, 2 or 4 consumer warpgroups, got {consumers}")
   fused = splits == 1
   out_type, operands = _operands(x, w, x_scale, w_scale, config, scaled=scaled, out_dtype=out_dtype,
                                  fused=fused)
@@ -446,7 +316,7 @@ def _ternary_call(x, w, x_scale, w_scale, config: GemvConfig, *, scaled: bool, o
         num_compute_wgs=consumers, max_concurrent_steps=min(config.stages, steps),
         compute_context=compute_context)
 
-  def step(_, x_smem, w_smem, accs, *, slots):
+  def step(_, x_smem, w_smem, accs):
     # x_smem [Mp, 2048] int8 (swizzled); w_smem [64, 128] int32 words.
     wg = lax.axis_index("wg")
     gathered = _gather_bytes(plgpu.load(w_smem, layout=_INT8_OPERAND), byte_count)
@@ -455,14 +325,11 @@ def _ternary_call(x, w, x_scale, w_scale, config: GemvConfig, *, scaled: bool, o
       for acc_ref, planes in zip(accs, _ACC_PLANES):
         start = pl.multiple_of((b * _BYTES + planes[0]) * _GROUP_WORDS, _GROUP_WORDS)
         x_planes = x_smem.at[:, pl.ds(start, len(planes) * _GROUP_WORDS)].T
-        plgpu.wgmma(acc_ref, _codes(gathered[i], planes, not row_sums), x_planes)
-    if row_sums:  # this consumer's share of x's columns, while the wgmmas run
-      _add_row_sums(x_smem, slots, padded_m=padded_m, consumers=consumers)
+        plgpu.wgmma(acc_ref, _codes(gathered[i], planes), x_planes)
     plgpu.wgmma_wait(0)
     return accs
 
-  def kernel(x_gmem, w_gmem, xs_gmem, ws_gmem, out_gmem, sums_smem, sums_barrier, slots_smem,
-             x_sums_smem):
+  def kernel(x_gmem, w_gmem, xs_gmem, ws_gmem, out_gmem, sums_smem, sums_barrier):
     block, split = lax.axis_index("n"), lax.axis_index("k")
     wg = lax.axis_index("wg")
     rows = pl.ds(block * ROWS, ROWS)
@@ -471,7 +338,7 @@ def _ternary_call(x, w, x_scale, w_scale, config: GemvConfig, *, scaled: bool, o
 
     def finish(acc):  # [64, Mp] int32, this consumer's share
       if consumers == 1:
-        return epilogue(_minus_row_sums(acc, x_sums_smem, 1) if row_sums else acc)
+        return epilogue(acc)
 
       @pl.when(wg > 0)
       def _():
@@ -484,7 +351,7 @@ def _ternary_call(x, w, x_scale, w_scale, config: GemvConfig, *, scaled: bool, o
         total = acc
         for i in range(consumers - 1):
           total = total + plgpu.load(sums_smem.at[i], layout=plgpu.Layout.WGMMA)
-        epilogue(_minus_row_sums(total, x_sums_smem, consumers) if row_sums else total)
+        epilogue(total)
 
     def epilogue(acc):
       if fused:
@@ -497,13 +364,9 @@ def _ternary_call(x, w, x_scale, w_scale, config: GemvConfig, *, scaled: bool, o
 
       @functools.partial(pl.run_scoped, a1=acc_type, a4=acc_type, a16=acc_type)
       def _acc_scope(a1, a4, a16):
-        if row_sums:
-          _zero_row_sums(slots_smem, x_sums_smem)
         eval_pipeline((a1, a4, a16))
         acc = plgpu.layout_cast(a1[...] + (a4[...] >> 2) + (a16[...] >> 4),
                                 plgpu.Layout.WGMMA)  # exact: a4, a16 are multiples of 4, 16
-        if row_sums:
-          _reduce_row_sums(slots_smem, x_sums_smem, padded_m=padded_m, consumers=consumers)
         finish(acc)
 
     ignore = lambda *_, **__: None
@@ -512,7 +375,7 @@ def _ternary_call(x, w, x_scale, w_scale, config: GemvConfig, *, scaled: bool, o
                        allocs=get_pipeline(ignore, ignore).get_allocations(x_gmem, w_gmem),
                        collective_axes="wg")
     def _scope(allocs):
-      get_pipeline(functools.partial(step, slots=slots_smem), compute_context)(
+      get_pipeline(step, compute_context)(
           x_slice, w_slice, allocations=allocs)
 
   return plgpu.kernel(
@@ -525,7 +388,5 @@ def _ternary_call(x, w, x_scale, w_scale, config: GemvConfig, *, scaled: bool, o
       scratch_types=dict(
           sums_smem=plgpu.SMEM((max(consumers - 1, 1), ROWS, padded_m), jnp.int32),
           sums_barrier=plgpu.Barrier(num_arrivals=max(consumers - 1, 1)),
-          slots_smem=plgpu.SMEM((consumers, 2, 128), jnp.int32),  # row sums: a thread's lines
-          x_sums_smem=plgpu.SMEM((consumers, 16), jnp.int32),  # row sums: a consumer's rows
       ),
   )(*operands)

@@ -177,6 +177,30 @@ def test_gpu_gemv_split_k_only_where_the_channel_blocks_leave_multiprocessors_id
   assert (2048 // gemv.ROWS) * config.split_k >= 66 and 8192 % (config.split_k * config.block_k) == 0
 
 
+@pytest.mark.parametrize("warpgroups,split_k", [(1, 1), (2, 2), (4, 1)])
+def test_gpu_ternary_gemv_lowers_for_cuda_on_cpu(warpgroups, split_k):
+  """The register-level ternary GEMV traces and lowers to a Mosaic GPU call (no GPU needed)."""
+  from bitgen.kernels import quantized_matmul_gpu as gpu
+  from bitgen.kernels import quantized_matmul_gpu_gemv as gemv
+  config = gemv.GemvConfig(block_k=2048, split_k=split_k, stages=2, warpgroups=warpgroups)
+  m, k, n = 5, 4096, 128
+  fn = jax.jit(lambda x, w, xs, ws: gpu.matmul(x, w, xs, ws, config=config, scaled=True,
+                                               out_dtype=jnp.bfloat16))
+  args = (jax.ShapeDtypeStruct((m, k), jnp.int8), jax.ShapeDtypeStruct((n, k // 16), jnp.uint32),
+          jax.ShapeDtypeStruct((m,), jnp.float32), jax.ShapeDtypeStruct((n,), jnp.float32))
+  assert "mosaic_gpu" in fn.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+
+
+def test_gpu_ternary_gemv_refuses_other_warpgroup_counts():
+  from bitgen.kernels import quantized_matmul_gpu as gpu
+  from bitgen.kernels import quantized_matmul_gpu_gemv as gemv
+  config = gemv.GemvConfig(block_k=2048, split_k=1, stages=2, warpgroups=3)
+  x, w = jnp.zeros((8, 2048), jnp.int8), jnp.zeros((64, 128), jnp.uint32)
+  with pytest.raises(ValueError, match="1, 2 or 4 consumer warpgroups, got 3"):
+    gpu.matmul(x, w, jnp.ones((8,)), jnp.ones((64,)), config=config, scaled=False,
+               out_dtype=jnp.int32)
+
+
 def test_triton_gemm_only_with_an_explicit_config_that_fits():
   from bitgen.kernels import quantized_matmul_gpu as gpu
   x, w = jnp.zeros((40, 256), jnp.int8), jnp.zeros((96, 256), jnp.int8)
@@ -261,17 +285,15 @@ def test_gpu_triton_gemm_explicit_config(m, k, n, block_n, num_warps):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("code_offset", ["bytes", "xsum"])
-@pytest.mark.parametrize("warpgroups", [1, 2])
+@pytest.mark.parametrize("warpgroups", [1, 2, 4])
 @pytest.mark.parametrize("m,k,n,split_k", [(5, 4096, 200, 1), (8, 4096, 128, 2), (13, 2048, 64, 1)])
-def test_gpu_ternary_gemv_variants(m, k, n, split_k, warpgroups, code_offset):
-  """The ternary GEMV with one or two consumer warpgroups and either code offset, exact."""
+def test_gpu_ternary_gemv_variants(m, k, n, split_k, warpgroups):
+  """The ternary GEMV with 1, 2 or 4 consumer warpgroups, exact."""
   if jax.default_backend() != "gpu":
     pytest.skip("needs a CUDA GPU")
   from bitgen.kernels import quantized_matmul_gpu as gpu
   from bitgen.kernels import quantized_matmul_gpu_gemv as gemv
-  config = gemv.GemvConfig(block_k=2048, split_k=split_k, stages=2, warpgroups=warpgroups,
-                           code_offset=code_offset)
+  config = gemv.GemvConfig(block_k=2048, split_k=split_k, stages=2, warpgroups=warpgroups)
 
   def run(x, w, scales):
     x_scale, w_scale = (jnp.ones((m,)), jnp.ones((n,))) if scales is None else scales
