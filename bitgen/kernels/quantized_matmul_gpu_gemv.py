@@ -122,9 +122,9 @@ def _gather_bytes(words, count: int):
     i8x4 = ir.VectorType.get((_BYTES,), ir.IntegerType.get_signless(8))
     if count == _BYTES:
       pair_selectors = (0x5140, 0x7362)  # q0.0 q1.0 q0.1 q1.1 / .2 .3
-    else:  # bytes count h .. count (h + 1) - 1 of warpgroup h: q0.b q1.b q0.b+1 q1.b+1, b = count h
+    else:  # count 2: bytes 2h, 2h + 1 of warpgroup h
       wg = arith.shrui(mgpu_utils.thread_idx(), _i32(7))
-      pair_selectors = (arith.addi(_i32(0x5140), arith.muli(wg, _i32(0x1111 * count))),)
+      pair_selectors = (arith.addi(_i32(0x5140), arith.muli(wg, _i32(0x2222))),)
     out = [np.empty(words.registers.shape, dtype=object) for _ in range(count)]
     for idx, reg in np.ndenumerate(words.registers):  # reg: vector<4xi32>, words q0..q3 of a row
       q = [vector.extract(reg, dynamic_position=[], static_position=ir.DenseI64ArrayAttr.get([v]))
@@ -132,7 +132,7 @@ def _gather_bytes(words, count: int):
       gathered = []
       for selector in pair_selectors:
         pair01, pair23 = _prmt(q[0], q[1], selector), _prmt(q[2], q[3], selector)
-        gathered += [_prmt(pair01, pair23, 0x5410), _prmt(pair01, pair23, 0x7632)][:count]
+        gathered += [_prmt(pair01, pair23, 0x5410), _prmt(pair01, pair23, 0x7632)]
       for i in range(count):
         out[i][idx] = mgpu_utils.bitcast(gathered[i], i8x4)
     return tuple(mgpu.FragmentedArray(_registers=r, _layout=words.layout, _is_signed=True) for r in out)
@@ -297,8 +297,8 @@ def _ternary_call(x, w, x_scale, w_scale, config: GemvConfig, *, scaled: bool, o
   m, k = x.shape
   n = w.shape[0]
   splits, consumers = config.split_k, config.warpgroups
-  if consumers not in (1, 2, 4):
-    raise ValueError(f"the ternary GEMV takes 1, 2 or 4 consumer warpgroups, got {consumers}")
+  if consumers not in (1, 2):
+    raise ValueError(f"the ternary GEMV takes 1 or 2 consumer warpgroups, got {consumers}")
   fused = splits == 1
   out_type, operands = _operands(x, w, x_scale, w_scale, config, scaled=scaled, out_dtype=out_dtype,
                                  fused=fused)

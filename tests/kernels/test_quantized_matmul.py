@@ -177,7 +177,7 @@ def test_gpu_gemv_split_k_only_where_the_channel_blocks_leave_multiprocessors_id
   assert (2048 // gemv.ROWS) * config.split_k >= 66 and 8192 % (config.split_k * config.block_k) == 0
 
 
-@pytest.mark.parametrize("warpgroups,split_k", [(1, 1), (2, 2), (4, 1)])
+@pytest.mark.parametrize("warpgroups,split_k", [(1, 1), (2, 1), (2, 2)])
 def test_gpu_ternary_gemv_lowers_for_cuda_on_cpu(warpgroups, split_k):
   """The register-level ternary GEMV traces and lowers to a Mosaic GPU call (no GPU needed)."""
   from bitgen.kernels import quantized_matmul_gpu as gpu
@@ -196,7 +196,7 @@ def test_gpu_ternary_gemv_refuses_other_warpgroup_counts():
   from bitgen.kernels import quantized_matmul_gpu_gemv as gemv
   config = gemv.GemvConfig(block_k=2048, split_k=1, stages=2, warpgroups=3)
   x, w = jnp.zeros((8, 2048), jnp.int8), jnp.zeros((64, 128), jnp.uint32)
-  with pytest.raises(ValueError, match="1, 2 or 4 consumer warpgroups, got 3"):
+  with pytest.raises(ValueError, match="1 or 2 consumer warpgroups, got 3"):
     gpu.matmul(x, w, jnp.ones((8,)), jnp.ones((64,)), config=config, scaled=False,
                out_dtype=jnp.int32)
 
@@ -285,10 +285,10 @@ def test_gpu_triton_gemm_explicit_config(m, k, n, block_n, num_warps):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("warpgroups", [1, 2, 4])
+@pytest.mark.parametrize("warpgroups", [1, 2])
 @pytest.mark.parametrize("m,k,n,split_k", [(5, 4096, 200, 1), (8, 4096, 128, 2), (13, 2048, 64, 1)])
 def test_gpu_ternary_gemv_variants(m, k, n, split_k, warpgroups):
-  """The ternary GEMV with 1, 2 or 4 consumer warpgroups, exact."""
+  """The ternary GEMV with one or two consumer warpgroups, exact."""
   if jax.default_backend() != "gpu":
     pytest.skip("needs a CUDA GPU")
   from bitgen.kernels import quantized_matmul_gpu as gpu
