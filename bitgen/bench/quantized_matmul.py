@@ -211,7 +211,7 @@ def sweep(trials: int, copies: int, sets=("gemv", "gemm")):
   from bitgen.kernels import quantized_matmul_gpu_gemm as mosaic_gemm
   from bitgen.kernels import quantized_matmul_gpu_gemv as gemv
   gemv_configs = {  # (block_k, split_k, stages[, consumer warpgroups]); split_k 1: one kernel
-      "ternary": [(2048, 1, 3, 2), (2048, 1, 4, 2), (2048, 1, 3, 1)],
+      "ternary": [(2048, 1, 3, 2), (2048, 1, 2, 2), (2048, 1, 4, 2), (2048, 1, 3, 1)],
       "int8": [(512, 1, 6)],
   }
   gemm_configs = [mosaic_gemm.GemmConfig(), mosaic_gemm.GemmConfig(wgmma_in_flight=0),
