@@ -189,8 +189,7 @@ def _unsupported_reason(name, q, k, v, bias, mask: _Mask) -> str | None:
   if name == "pallas_gpu":
     if jax.default_backend() not in ("gpu", "cuda"):
       return "the Mosaic GPU kernel needs a CUDA GPU (no interpreter for it here)"
-    return binary_attention_gpu.unsupported_reason(q, k, v, causal=mask.causal,
-                                                   segments=mask.q_segments is not None)
+    return binary_attention_gpu.unsupported_reason(q, k, v)
   return None
 
 

@@ -1,12 +1,13 @@
 """Binary attention on Hopper GPUs (Mosaic GPU): warp-specialised flash attention with 8-bit +-1 scores.
 
 One CTA takes 2 * block_q queries of one (batch, head): warpgroups 0 and 1 compute (block_q rows
-each), warpgroup 2 streams K, V (and per-token key scales) into a ring of `max_concurrent_steps`
+each), warpgroup 2 streams K, V (and per-token key scales, key segment ids) into a ring of `max_concurrent_steps`
 shared-memory slots with the bulk-copy engine. Per key block a compute warpgroup runs
   1. S = sign(q) sign(k)^T on the tensor cores, 8-bit operands at twice the bf16 rate: fp8 e4m3
      with f32 accumulators (exact: |S| <= H; no int -> float conversion) or s8 -> s32,
   2. x = S * f - shift in base 2, f = s_q s_k log2(e) / sqrt(H) (one scalar per head for per-head
-     scales, row x column factors per token), then the causal mask,
+     scales, row x column factors per token), then the causal mask (key blocks past the diagonal
+     are skipped) or the segment mask (query i sees key j iff seg[j] <= seg[i]; every block runs),
   3. p = exp2(x), l += sum(p), O += P V on the tensor cores (P in V's dtype).
 Bounded softmax: |S| <= H bounds every row maximum by shift = H * f (per token: H * f_row *
 max f_col), so the running max, its exp2 rescale of O and l and the row-max reductions drop out.
@@ -67,17 +68,18 @@ _MIN_FACTOR = 1e-30
 # Per-(batch, head) constants are padded to 128 bytes: bulk copies into shared memory need
 # 128-byte aligned destinations.
 _CONSTS_WIDTH = 32
+# Bulk copies a compute warpgroup makes before its loop (a barrier each): q, constants, per-token
+# row factors and row shifts, segment ids.
+_Q_COPIES = 5
 
 
-def unsupported_reason(q, k, v, *, causal: bool, segments: bool) -> str | None:
-  """Why the kernel cannot take these inputs (segments: segment ids given), or None."""
+def unsupported_reason(q, k, v) -> str | None:
+  """Why the kernel cannot take these inputs, or None."""
   batch, q_len, heads, head_dim = q.shape
   kv_len = k.shape[1]
   t = GPU_TUNING
   if v.dtype not in (jnp.bfloat16, jnp.float16):
     return f"V dtype {v.dtype} (the GPU kernel multiplies P V in bf16/f16; f32 takes the reference)"
-  if segments and not causal:
-    return "segment ids (the GPU kernel takes None or 'causal')"
   if q_len % (2 * t.block_q) or kv_len % t.block_kv:
     return (f"lengths T={q_len}, S={kv_len} must be multiples of {2 * t.block_q} and "
             f"{t.block_kv}")
@@ -136,7 +138,6 @@ def binary_attention_gpu(q_sign, q_scale, k_sign, k_scale, v, segments, *, causa
   from jax.experimental import pallas as pl
   from jax.experimental.pallas import mosaic_gpu as plgpu
 
-  del segments  # only causal (= arange segments) reaches this kernel.
   batch, q_len, heads, head_dim = q_sign.shape
   kv_len = k_sign.shape[1]
   block_q, block_kv, steps = tuning.block_q, tuning.block_kv, tuning.max_concurrent_steps
@@ -160,16 +161,21 @@ def binary_attention_gpu(q_sign, q_scale, k_sign, k_scale, v, segments, *, causa
   consts, vectors = _gpu_factors(q_scale, k_scale, p_dtype, v_scale, batch, q_len, kv_len, heads,
                                  head_dim)
   per_token = vectors is not None
+  # Segment ids [B, T] (block-causal: query i sees key j iff seg[j] <= seg[i]); causal arrives as
+  # arange segments and takes the cheaper iota mask with its block skipping instead.
+  segmented = segments is not None and not causal
   q8, k8 = q_sign.astype(qk_dtype), k_sign.astype(qk_dtype)
   num_kv_blocks = kv_len // block_kv
   row_layout, col_layout = plgpu.Layout.WGMMA.reduce(1), plgpu.Layout.WGMMA.reduce(0)
 
-  def kernel(q_ref, k_ref, v_ref, consts_ref, vector_refs, out_ref, scoped):
+  def kernel(q_ref, k_ref, v_ref, consts_ref, seg_ref, vector_refs, out_ref, scoped):
     b, n, tile = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("q_seq")
     wg = lax.axis_index("wg")
     smem, barriers = scoped
-    q_smem2, o_smem2, k_smem, v_smem, p_smem2, consts_smem2, rows_smem2, col_smem = smem
-    q_barriers, k_barriers, v_barriers, col_barriers, k_consumed, v_consumed, schedule = barriers
+    (q_smem2, o_smem2, k_smem, v_smem, p_smem2, consts_smem2, rows_smem2, col_smem, q_seg_smem2,
+     k_seg_smem) = smem
+    (q_barriers, k_barriers, v_barriers, col_barriers, seg_barriers, k_consumed, v_consumed,
+     schedule) = barriers
 
     def rendezvous():
       if tuning.schedule_barrier:
@@ -191,10 +197,14 @@ def binary_attention_gpu(q_sign, q_scale, k_sign, k_scale, v, segments, *, causa
         row_ref, shift_ref, _ = vector_refs
         copies += [(row_ref.at[b, n, pl.ds(q_base, block_q)], rows_smem2.at[wg, 0]),
                    (shift_ref.at[b, n, pl.ds(q_base, block_q)], rows_smem2.at[wg, 1])]
+      if segmented:
+        copies.append((seg_ref.at[b, pl.ds(q_base, block_q)], q_seg_smem2.at[wg]))
       for i, (src, dst) in enumerate(copies):
-        plgpu.copy_gmem_to_smem(src, dst, q_barriers.at[wg * 4 + i])
+        plgpu.copy_gmem_to_smem(src, dst, q_barriers.at[wg * _Q_COPIES + i])
       for i in range(len(copies)):
-        plgpu.barrier_wait(q_barriers.at[wg * 4 + i])
+        plgpu.barrier_wait(q_barriers.at[wg * _Q_COPIES + i])
+      if segmented:
+        q_seg = plgpu.load(q_seg_smem2.at[wg], layout=row_layout)
       factor, shift, use_bound = consts_smem[0], consts_smem[1] - p_offset, consts_smem[2]
       if per_token:
         row_factor = plgpu.load(rows_smem2.at[wg, 0], layout=row_layout)
@@ -211,6 +221,8 @@ def binary_attention_gpu(q_sign, q_scale, k_sign, k_scale, v, segments, *, causa
         plgpu.barrier_wait(k_barriers.at[slot])
         if per_token:
           plgpu.barrier_wait(col_barriers.at[slot])
+        if segmented:
+          plgpu.barrier_wait(seg_barriers.at[slot])
 
         def scores(acc_ref):  # 1. [block_q, block_kv], exact
           plgpu.wgmma(acc_ref, q_smem, k_smem.at[slot].transpose((1, 0)))
@@ -219,6 +231,8 @@ def binary_attention_gpu(q_sign, q_scale, k_sign, k_scale, v, segments, *, causa
         s = pl.run_scoped(scores, plgpu.ACC((block_q, block_kv), acc_dtype))
         if per_token:
           col_factor = plgpu.load(col_smem.at[slot], layout=col_layout)
+        if segmented:
+          k_seg = plgpu.load(k_seg_smem.at[slot], layout=col_layout)
         plgpu.barrier_arrive(k_consumed.at[slot])
         # 2. Base-2 logits x = s * f (per token: s * f_col first, f_row below).
         s = s.astype(jnp.float32)
@@ -228,6 +242,10 @@ def binary_attention_gpu(q_sign, q_scale, k_sign, k_scale, v, segments, *, causa
           q_ids = plgpu.broadcasted_iota(jnp.int32, s.shape, 0, layout=plgpu.Layout.WGMMA)
           kv_ids = plgpu.broadcasted_iota(jnp.int32, s.shape, 1, layout=plgpu.Layout.WGMMA)
           s = jnp.where(q_ids + q_base >= kv_ids + step * block_kv, s, -jnp.inf)
+        if segmented:
+          visible = (lax.broadcast_in_dim(q_seg, s.shape, [0]) >=
+                     lax.broadcast_in_dim(k_seg, s.shape, [1]))
+          s = jnp.where(visible, s, -jnp.inf)
         row = lambda x, shape=s.shape: lax.broadcast_in_dim(x, shape, [0])
         # 3. p = exp2(x - m) with m the bound or the running max (f > 0: max(s f) = f max(s)).
         if bounded:
@@ -236,9 +254,11 @@ def binary_attention_gpu(q_sign, q_scale, k_sign, k_scale, v, segments, *, causa
         else:
           s_max = s.max(axis=1)
           m_new = jnp.maximum(m_i, s_max * row_factor if per_token else s_max * factor)
+          if segmented:  # segments can hide all keys so far from a row: no -inf - -inf below
+            m_new = jnp.maximum(m_new, -1e30)
           x = s * (row(row_factor) if per_token else factor) - row(m_new - p_offset)
         split = block_kv - tuning.poly_exp_cols
-        if tuning.poly_exp_cols and not masked:
+        if tuning.poly_exp_cols and not (masked or segmented):  # the polynomial maps -inf to 2^-126
           p = jnp.concatenate([jnp.exp2(x[:, :split]), _exp2_fma(x[:, split:])], axis=1)
         else:
           p = jnp.exp2(x)
@@ -311,6 +331,9 @@ def binary_attention_gpu(q_sign, q_scale, k_sign, k_scale, v, segments, *, causa
         if per_token:
           plgpu.copy_gmem_to_smem(vector_refs[2].at[b, n, pl.ds(step * block_kv, block_kv)],
                                   col_smem.at[slot], col_barriers.at[slot])
+        if segmented:
+          plgpu.copy_gmem_to_smem(seg_ref.at[b, pl.ds(step * block_kv, block_kv)],
+                                  k_seg_smem.at[slot], seg_barriers.at[slot])
         v_src = (v_ref.at[b, n, :, pl.ds(step * block_kv, block_kv)] if tuning.pv_fp8
                  else v_ref.at[kv])
         plgpu.copy_gmem_to_smem(v_src, v_smem.at[slot], v_barriers.at[slot])
@@ -326,7 +349,8 @@ def binary_attention_gpu(q_sign, q_scale, k_sign, k_scale, v, segments, *, causa
         load(step + steps, slot)
 
   def entry(q_ref, k_ref, v_ref, consts_ref, *rest):
-    *vector_refs, out_ref = rest
+    *rest, out_ref = rest
+    seg_ref, vector_refs = (rest[0], rest[1:]) if segmented else (None, rest)
     qk_tf, v_tf = _smem_transforms(qk_dtype, head_dim), _smem_transforms(dtype, head_dim)
     p8_tf = _smem_transforms(jnp.float8_e4m3fn, block_kv)
     v_tile = (head_dim, block_kv) if tuning.pv_fp8 else (block_kv, head_dim)
@@ -339,16 +363,19 @@ def binary_attention_gpu(q_sign, q_scale, k_sign, k_scale, v, segments, *, causa
             plgpu.SMEM((2, block_q, block_kv), p_dtype, transforms=p8_tf) if tuning.pv_fp8 else None,
             plgpu.SMEM((2, _CONSTS_WIDTH), jnp.float32),
             plgpu.SMEM((2, 2, block_q), jnp.float32) if per_token else None,
-            plgpu.SMEM((steps, block_kv), jnp.float32) if per_token else None)
-    barriers = (plgpu.Barrier(num_barriers=8),  # 4 per compute warpgroup: q, consts, row vectors
-                *(plgpu.Barrier(num_barriers=steps) for _ in range(3)),
+            plgpu.SMEM((steps, block_kv), jnp.float32) if per_token else None,
+            plgpu.SMEM((2, block_q), jnp.int32) if segmented else None,
+            plgpu.SMEM((steps, block_kv), jnp.int32) if segmented else None)
+    barriers = (plgpu.Barrier(num_barriers=2 * _Q_COPIES),
+                *(plgpu.Barrier(num_barriers=steps) for _ in range(4)),  # K, V, column factors, ids
                 *(plgpu.Barrier(num_arrivals=2, num_barriers=steps) for _ in range(2)),
                 plgpu.Barrier(num_arrivals=2))
     pl.run_scoped(lambda smem_refs, barrier_refs: kernel(
-        q_ref, k_ref, v_ref, consts_ref, vector_refs, out_ref, (smem_refs, barrier_refs)),
+        q_ref, k_ref, v_ref, consts_ref, seg_ref, vector_refs, out_ref, (smem_refs, barrier_refs)),
                   smem, barriers, collective_axes="wg")
 
   vector_args = () if vectors is None else vectors
+  seg_args = (segments.astype(jnp.int32),) if segmented else ()
   out = plgpu.kernel(
       entry,
       out_type=jax.ShapeDtypeStruct((batch, q_len, heads, head_dim), dtype),
@@ -357,5 +384,5 @@ def binary_attention_gpu(q_sign, q_scale, k_sign, k_scale, v, segments, *, causa
       num_threads=3,
       thread_name="wg",
       compiler_params=plgpu.CompilerParams(approx_math=True),
-  )(q8, k8, v_in, consts, *vector_args)
+  )(q8, k8, v_in, consts, *seg_args, *vector_args)
   return out

@@ -96,6 +96,8 @@ MASKS = {
     # Infinity's next-scale pattern: 3 scales of unequal length, each sees itself and earlier ones.
     "block_causal": lambda t: jnp.repeat(jnp.arange(3), np.array([t // 4, t // 4, t - 2 * (t // 4)]),
                                          total_repeat_length=t),
+    # The same scales in reverse order: early queries see no key of the first blocks.
+    "reverse_block_causal": lambda t: MASKS["block_causal"](t)[::-1],
 }
 
 
@@ -293,13 +295,15 @@ def test_gpu_bound_applies_only_where_exp2_cannot_underflow():
     (ba_gpu.GpuTuning(qk_dtype="int8", bounded_softmax=False, schedule_barrier=False), "none",
      "per_head"),
     (ba_gpu.GpuTuning(pv_fp8=True, poly_exp_cols=32), "none", "per_head"),
+    (ba_gpu.GpuTuning(bounded_softmax=False), "block_causal", "per_token"),
 ])
 def test_gpu_kernel_lowers_for_cuda_on_cpu(tuning, mask, scale_mode):
   """The Mosaic GPU kernel traces and lowers (no GPU needed): catches API drift in CI."""
   shape = jax.ShapeDtypeStruct((1, 256, 2, 128), jnp.bfloat16)
   scale = jax.ShapeDtypeStruct((1, 256 if scale_mode == "per_token" else 1, 2, 1), jnp.float32)
+  segments = jax.ShapeDtypeStruct((1, 256), jnp.int32) if mask == "block_causal" else None
   fn = jax.jit(functools.partial(ba_gpu.binary_attention_gpu, causal=mask == "causal", tuning=tuning))
-  text = fn.trace(shape, scale, shape, scale, shape, None).lower(
+  text = fn.trace(shape, scale, shape, scale, shape, segments).lower(
       lowering_platforms=("cuda",)).as_text()
   assert "mosaic_gpu" in text
 
@@ -316,9 +320,11 @@ def _check_gpu_tuning(tuning, shape, mask, scale_mode, atol, input_scale=1.0):
   q, k = input_scale * q, input_scale * k
   (qs, qsc), (ks, ksc) = ba.binarize(q, scale_mode), ba.binarize(k, scale_mode)
   v16 = v.astype(jnp.bfloat16)
-  got = ba_gpu.binary_attention_gpu(qs, qsc, ks, ksc, v16, None, causal=mask == "causal", tuning=tuning)
-  want = binary_attention_reference(q, k, v16.astype(jnp.float32), mask=MASKS[mask](shape[1]),
-                                    scale_mode=scale_mode)
+  m = MASKS[mask](shape[1])
+  segments = jnp.broadcast_to(m, shape[:2]) if "block_causal" in mask else None
+  got = ba_gpu.binary_attention_gpu(qs, qsc, ks, ksc, v16, segments, causal=mask == "causal",
+                                    tuning=tuning)
+  want = binary_attention_reference(q, k, v16.astype(jnp.float32), mask=m, scale_mode=scale_mode)
   err = np.abs(np.asarray(got, np.float32) - np.asarray(want))
   assert err.max() <= atol, (tuning, float(err.max()), float(err.mean()))
 
@@ -331,7 +337,8 @@ def _check_gpu_tuning(tuning, shape, mask, scale_mode, atol, input_scale=1.0):
     (ba_gpu.GpuTuning(poly_exp_cols=32), 2e-2),
     (ba_gpu.GpuTuning(pv_fp8=True), 2e-2),
 ])
-@pytest.mark.parametrize("mask,scale_mode", [("none", "per_head"), ("causal", "per_token")])
+@pytest.mark.parametrize("mask,scale_mode", [("none", "per_head"), ("causal", "per_token"),
+                                             ("block_causal", "per_token")])
 def test_gpu_kernel_tunings_match_reference(tuning, atol, mask, scale_mode):
   if jax.default_backend() != "gpu":
     pytest.skip("needs a CUDA GPU")
@@ -339,17 +346,18 @@ def test_gpu_kernel_tunings_match_reference(tuning, atol, mask, scale_mode):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("mask", ["causal", "block_causal", "reverse_block_causal"])
 @pytest.mark.parametrize("pv_fp8", [False, True])
-def test_gpu_kernel_large_scores_take_the_online_max(pv_fp8):
+def test_gpu_kernel_large_scores_take_the_online_max(pv_fp8, mask):
   """Scores up to ~400 (log2 units): the bound would underflow, the kernel must use the running max."""
   if jax.default_backend() != "gpu":
     pytest.skip("needs a CUDA GPU")
-  _check_gpu_tuning(ba_gpu.GpuTuning(pv_fp8=pv_fp8), (1, 256, 2, 64), "causal", "per_head", 2e-2,
+  _check_gpu_tuning(ba_gpu.GpuTuning(pv_fp8=pv_fp8), (1, 256, 2, 64), mask, "per_head", 2e-2,
                     input_scale=30.0)
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("mask", ["none", "causal"])
+@pytest.mark.parametrize("mask", ["none", "causal", "block_causal"])
 @pytest.mark.parametrize("head_dim", [64, 128])
 def test_gpu_kernel_matches_reference(mask, head_dim):
   if jax.default_backend() != "gpu":
