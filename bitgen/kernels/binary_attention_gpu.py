@@ -25,6 +25,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from bitgen.kernels._binarize import kernel_factors
@@ -36,7 +37,9 @@ class GpuTuning:
   block_q: int = 64
   block_kv: int = 128
   max_concurrent_steps: int = 3
-  # Ping-pong the two compute warpgroups (one runs its softmax while the other uses the tensor
+  # Compute warpgroups a CTA (block_q query rows each): 2 or 3.
+  compute_wgs: int = 2
+  # Ping-pong two compute warpgroups (one runs its softmax while the other uses the tensor
   # cores), through a 2-arrival rendezvous barrier, as FlashAttention-3 does.
   schedule_barrier: bool = True
   # Measured on H100 (bench --tune, B=4 T=4096 N=16 H=64, kernel only), 2026-11-22: int8 with the
@@ -49,6 +52,11 @@ class GpuTuning:
   # The last `poly_exp_cols` columns of each unmasked key block take exp2 as a polynomial on the FMA
   # pipes instead of the MUFU unit (FlashAttention-4's split), 0 = all on the MUFU. Slower at 32.
   poly_exp_cols: int = 0
+  # The first `table_exp_cols` columns of each unmasked bounded key block (per-head scales) read
+  # p = 2^(s f - shift) from a table in shared memory instead of computing exp2 on the MUFU unit:
+  # s is an integer in [-H, H] of H's parity, so a head has only H + 1 values of p. The lookups
+  # run on the load/store pipe beside the MUFU.
+  table_exp_cols: int = 0
   # 8-bit P V (the paper's option): P and V in fp8 e4m3 at twice the bf16 MMA rate. P = 2^(x - m + 8)
   # is written to shared memory (8-bit A operands must be K-major), V is pre-scaled per (batch,
   # head) by a power of two into e4m3's range and transposed (K-major) by XLA. Costs accuracy and,
@@ -65,6 +73,10 @@ _BOUND_LIMIT = {jnp.dtype(jnp.bfloat16): 100.0, jnp.dtype(jnp.float16): 14.0,
 _FP8_P_EXPONENT = 8.0
 # Scale factors are floored here so that a zero scale never multiplies a masked -inf into NaN.
 _MIN_FACTOR = 1e-30
+# Registers a thread after `set_max_registers`, by compute warpgroups: compute, memory warpgroup
+# (at most 64K a CTA).
+_COMPUTE_REGISTERS = {2: 232, 3: 160}
+_MEMORY_REGISTERS = {2: 40, 3: 24}
 # Per-(batch, head) constants are padded to 128 bytes: bulk copies into shared memory need
 # 128-byte aligned destinations.
 _CONSTS_WIDTH = 32
@@ -80,9 +92,8 @@ def unsupported_reason(q, k, v) -> str | None:
   t = GPU_TUNING
   if v.dtype not in (jnp.bfloat16, jnp.float16):
     return f"V dtype {v.dtype} (the GPU kernel multiplies P V in bf16/f16; f32 takes the reference)"
-  if q_len % (2 * t.block_q) or kv_len % t.block_kv:
-    return (f"lengths T={q_len}, S={kv_len} must be multiples of {2 * t.block_q} and "
-            f"{t.block_kv}")
+  if q_len % t.block_q or kv_len % t.block_kv:
+    return f"lengths T={q_len}, S={kv_len} must be multiples of {t.block_q} and {t.block_kv}"
   return None
 
 
@@ -111,6 +122,55 @@ def _exp2_fma(x):
   bits = lax.bitcast_convert_type(poly, jnp.int32) + lax.shift_left(
       lax.bitcast_convert_type(t, jnp.int32), jnp.int32(23))
   return lax.bitcast_convert_type(bits, jnp.float32)
+
+
+# Per-lane copies of the exp2 table: lane l reads entry j at j * 32 + l, its own bank.
+_LANES = 32
+
+
+def _exp2_table(consts, head_dim, p_offset):
+  """[B, N, H + 1, 32] f32: entry j (score 2j - H) of each lane's copy, the p of the bounded path."""
+  scores = 2.0 * jnp.arange(head_dim + 1, dtype=jnp.float32) - head_dim  # [H + 1]
+  factor, shift = consts[..., 0:1], consts[..., 1:2] - p_offset  # [B, N, 1]
+  table = jnp.exp2(scores * factor - shift)  # [B, N, H + 1]
+  return jnp.broadcast_to(table[..., None], (*table.shape, _LANES))
+
+
+def _exp2_lookup(s, table_ref, head_dim):
+  """Integer-valued f32 scores s [rows, cols] (WGMMA layout) -> table[(s + H) / 2] per element.
+
+  The index is 16 s + 16 H + lane: fma(s, 16, 1.5 * 2^23 + 16 H) holds it in its low mantissa bits
+  (exact: |16 s| < 2^22), so an FMA and an add replace a float -> int conversion (MUFU-slow).
+  """
+  from jax.experimental.mosaic import gpu as mgpu
+  from jax.experimental.mosaic.gpu import utils as mgpu_utils
+  from jax.experimental.pallas import mosaic_gpu as plgpu
+  from jax._src.lib.mlir import ir
+  from jax._src.lib.mlir.dialects import arith, math as mlir_math, memref, vector
+
+  layout = plgpu.Layout.WGMMA
+
+  @plgpu.inline_mgpu(arg_types=(layout, plgpu.RefType()),
+                     return_type=plgpu.ShapeDtypeStruct(s.shape, jnp.float32, layout=layout))
+  def lookup(_, s, table):
+    table = mgpu_utils.memref_fold(table, 0, 2)  # [(H + 1) * 32]
+    i32, f32, index = ir.IntegerType.get_signless(32), ir.F32Type.get(), ir.IndexType.get()
+    lane = arith.remui(mgpu_utils.thread_idx(), mgpu.c(_LANES, i32))
+    offset = arith.subi(lane, mgpu.c(0x4B400000, i32))  # minus the bits of 1.5 * 2^23
+    sixteen, magic = mgpu.c(16.0, f32), mgpu.c(_ROUND_MAGIC + 16 * head_dim, f32)
+    out = np.empty(s.registers.shape, dtype=object)
+    for idx, reg in np.ndenumerate(s.registers):
+      [vec_len] = ir.VectorType(reg.type).shape
+      values = []
+      for e in range(vec_len):
+        score = vector.extract(reg, dynamic_position=[], static_position=ir.DenseI64ArrayAttr.get([e]))
+        key = mgpu_utils.bitcast(mlir_math.fma(score, sixteen, magic), i32)
+        entry = arith.index_cast(index, arith.addi(key, offset))
+        values.append(memref.load(table, [entry]))
+      out[idx] = vector.from_elements(ir.VectorType.get((vec_len,), f32), values)
+    return mgpu.FragmentedArray(_registers=out, _layout=s.layout, _is_signed=None)
+
+  return lookup(s, table_ref)
 
 
 def _gpu_factors(q_scale, k_scale, p_dtype, v_scale, batch, q_len, kv_len, heads, head_dim):
@@ -146,6 +206,13 @@ def binary_attention_gpu(q_sign, q_scale, k_sign, k_scale, v, segments, *, causa
   if tuning.poly_exp_cols % 8 or not 0 <= tuning.poly_exp_cols < block_kv:
     raise ValueError(f"poly_exp_cols must be a multiple of 8 below {block_kv}, got "
                      f"{tuning.poly_exp_cols}")
+  wgs = tuning.compute_wgs
+  if wgs not in (2, 3) or (tuning.schedule_barrier and wgs != 2):
+    raise ValueError(f"compute_wgs must be 2 or 3 (the ping-pong schedule takes 2), got {wgs} with "
+                     f"schedule_barrier={tuning.schedule_barrier}")
+  if tuning.table_exp_cols % 8 or not 0 <= tuning.table_exp_cols <= block_kv - tuning.poly_exp_cols:
+    raise ValueError(f"table_exp_cols must be a multiple of 8, at most {block_kv} minus "
+                     f"poly_exp_cols, got {tuning.table_exp_cols}")
   qk_dtype = QK_DTYPES[tuning.qk_dtype]
   acc_dtype = jnp.int32 if qk_dtype == jnp.int8 else jnp.float32
   dtype = v.dtype
@@ -161,36 +228,42 @@ def binary_attention_gpu(q_sign, q_scale, k_sign, k_scale, v, segments, *, causa
   consts, vectors = _gpu_factors(q_scale, k_scale, p_dtype, v_scale, batch, q_len, kv_len, heads,
                                  head_dim)
   per_token = vectors is not None
+  use_table = tuning.table_exp_cols > 0 and not per_token
+  table = _exp2_table(consts, head_dim, p_offset) if use_table else None
   # Segment ids [B, T] (block-causal: query i sees key j iff seg[j] <= seg[i]); causal arrives as
   # arange segments and takes the cheaper iota mask with its block skipping instead.
   segmented = segments is not None and not causal
   q8, k8 = q_sign.astype(qk_dtype), k_sign.astype(qk_dtype)
   num_kv_blocks = kv_len // block_kv
+  cta_rows = wgs * block_q
   row_layout, col_layout = plgpu.Layout.WGMMA.reduce(1), plgpu.Layout.WGMMA.reduce(0)
 
-  def kernel(q_ref, k_ref, v_ref, consts_ref, seg_ref, vector_refs, out_ref, scoped):
+  def kernel(q_ref, k_ref, v_ref, consts_ref, table_ref, seg_ref, vector_refs, out_ref, scoped):
     b, n, tile = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("q_seq")
     wg = lax.axis_index("wg")
     smem, barriers = scoped
     (q_smem2, o_smem2, k_smem, v_smem, p_smem2, consts_smem2, rows_smem2, col_smem, q_seg_smem2,
-     k_seg_smem) = smem
+     k_seg_smem, table_smem) = smem
     (q_barriers, k_barriers, v_barriers, col_barriers, seg_barriers, k_consumed, v_consumed,
-     schedule) = barriers
+     schedule, table_barrier) = barriers
 
     def rendezvous():
       if tuning.schedule_barrier:
         plgpu.barrier_arrive(schedule)
         plgpu.barrier_wait(schedule)
     if causal:
-      max_kv_steps = pl.cdiv((tile + 1) * (2 * block_q), jnp.array(block_kv, jnp.int32))
+      max_kv_steps = jnp.minimum(pl.cdiv(jnp.minimum((tile + 1) * cta_rows, q_len),
+                                         jnp.array(block_kv, jnp.int32)), num_kv_blocks)
     else:
       max_kv_steps = num_kv_blocks
 
-    @pl.when(wg < 2)
+    @pl.when(wg < wgs)
     def _compute():
-      plgpu.set_max_registers(232, action="increase")
+      plgpu.set_max_registers(_COMPUTE_REGISTERS[wgs], action="increase")
       q_smem, o_smem, consts_smem = q_smem2.at[wg], o_smem2.at[wg], consts_smem2.at[wg]
-      q_base = tile * (2 * block_q) + wg * block_q
+      # Past the end (the last CTA of a ragged length): recompute the last block, store nothing.
+      q_base = jnp.minimum(tile * cta_rows + wg * block_q, q_len - block_q)
+      owns_rows = tile * cta_rows + wg * block_q < q_len
       copies = [(q_ref.at[b, pl.ds(q_base, block_q), n], q_smem),
                 (consts_ref.at[b, n], consts_smem)]
       if per_token:
@@ -201,8 +274,13 @@ def binary_attention_gpu(q_sign, q_scale, k_sign, k_scale, v, segments, *, causa
         copies.append((seg_ref.at[b, pl.ds(q_base, block_q)], q_seg_smem2.at[wg]))
       for i, (src, dst) in enumerate(copies):
         plgpu.copy_gmem_to_smem(src, dst, q_barriers.at[wg * _Q_COPIES + i])
+      if use_table:  # one copy a CTA, both warpgroups read it
+        pl.when(wg == 0)(lambda: plgpu.copy_gmem_to_smem(table_ref.at[b, n], table_smem,
+                                                         table_barrier))
       for i in range(len(copies)):
         plgpu.barrier_wait(q_barriers.at[wg * _Q_COPIES + i])
+      if use_table:
+        plgpu.barrier_wait(table_barrier)
       if segmented:
         q_seg = plgpu.load(q_seg_smem2.at[wg], layout=row_layout)
       factor, shift, use_bound = consts_smem[0], consts_smem[1] - p_offset, consts_smem[2]
@@ -258,8 +336,13 @@ def binary_attention_gpu(q_sign, q_scale, k_sign, k_scale, v, segments, *, causa
             m_new = jnp.maximum(m_new, -1e30)
           x = s * (row(row_factor) if per_token else factor) - row(m_new - p_offset)
         split = block_kv - tuning.poly_exp_cols
+        table_cols = tuning.table_exp_cols if use_table and bounded else 0
         if tuning.poly_exp_cols and not (masked or segmented):  # the polynomial maps -inf to 2^-126
           p = jnp.concatenate([jnp.exp2(x[:, :split]), _exp2_fma(x[:, split:])], axis=1)
+        elif table_cols and not (masked or segmented):  # the table takes no mask
+          looked_up = _exp2_lookup(s[:, :table_cols], table_smem, head_dim)
+          p = (looked_up if table_cols == block_kv
+               else jnp.concatenate([looked_up, jnp.exp2(x[:, table_cols:])], axis=1))
         else:
           p = jnp.exp2(x)
         if bounded:
@@ -318,12 +401,13 @@ def binary_attention_gpu(q_sign, q_scale, k_sign, k_scale, v, segments, *, causa
       acc = acc / lax.broadcast_in_dim(l_i, acc.shape, [0])
       o_smem[...] = acc.astype(dtype)
       plgpu.commit_smem()
-      plgpu.copy_smem_to_gmem(o_smem, out_ref.at[b, pl.ds(q_base, block_q), n])
+      pl.when(owns_rows)(lambda: plgpu.copy_smem_to_gmem(
+          o_smem, out_ref.at[b, pl.ds(q_base, block_q), n]))
       plgpu.wait_smem_to_gmem(0)
 
-    @pl.when(wg == 2)
+    @pl.when(wg == wgs)
     def _memory():
-      plgpu.set_max_registers(40, action="decrease")
+      plgpu.set_max_registers(_MEMORY_REGISTERS[wgs], action="decrease")
 
       def load(step, slot):
         kv = (b, pl.ds(step * block_kv, block_kv), n)
@@ -350,28 +434,31 @@ def binary_attention_gpu(q_sign, q_scale, k_sign, k_scale, v, segments, *, causa
 
   def entry(q_ref, k_ref, v_ref, consts_ref, *rest):
     *rest, out_ref = rest
+    table_ref, rest = (rest[0], rest[1:]) if use_table else (None, rest)
     seg_ref, vector_refs = (rest[0], rest[1:]) if segmented else (None, rest)
     qk_tf, v_tf = _smem_transforms(qk_dtype, head_dim), _smem_transforms(dtype, head_dim)
     p8_tf = _smem_transforms(jnp.float8_e4m3fn, block_kv)
     v_tile = (head_dim, block_kv) if tuning.pv_fp8 else (block_kv, head_dim)
     # Swizzled tiles first (each a multiple of 1 KiB, so every one stays swizzle-aligned), then the
     # f32 vectors (slots of multiples of 128 bytes).
-    smem = (plgpu.SMEM((2, block_q, head_dim), qk_dtype, transforms=qk_tf),
-            plgpu.SMEM((2, block_q, head_dim), dtype, transforms=v_tf),
+    smem = (plgpu.SMEM((wgs, block_q, head_dim), qk_dtype, transforms=qk_tf),
+            plgpu.SMEM((wgs, block_q, head_dim), dtype, transforms=v_tf),
             plgpu.SMEM((steps, block_kv, head_dim), qk_dtype, transforms=qk_tf),
             plgpu.SMEM((steps, *v_tile), v_in.dtype, transforms=p8_tf if tuning.pv_fp8 else v_tf),
-            plgpu.SMEM((2, block_q, block_kv), p_dtype, transforms=p8_tf) if tuning.pv_fp8 else None,
-            plgpu.SMEM((2, _CONSTS_WIDTH), jnp.float32),
-            plgpu.SMEM((2, 2, block_q), jnp.float32) if per_token else None,
+            plgpu.SMEM((wgs, block_q, block_kv), p_dtype, transforms=p8_tf) if tuning.pv_fp8 else None,
+            plgpu.SMEM((wgs, _CONSTS_WIDTH), jnp.float32),
+            plgpu.SMEM((wgs, 2, block_q), jnp.float32) if per_token else None,
             plgpu.SMEM((steps, block_kv), jnp.float32) if per_token else None,
-            plgpu.SMEM((2, block_q), jnp.int32) if segmented else None,
-            plgpu.SMEM((steps, block_kv), jnp.int32) if segmented else None)
-    barriers = (plgpu.Barrier(num_barriers=2 * _Q_COPIES),
+            plgpu.SMEM((wgs, block_q), jnp.int32) if segmented else None,
+            plgpu.SMEM((steps, block_kv), jnp.int32) if segmented else None,
+            plgpu.SMEM((head_dim + 1, _LANES), jnp.float32) if use_table else None)
+    barriers = (plgpu.Barrier(num_barriers=wgs * _Q_COPIES),
                 *(plgpu.Barrier(num_barriers=steps) for _ in range(4)),  # K, V, column factors, ids
-                *(plgpu.Barrier(num_arrivals=2, num_barriers=steps) for _ in range(2)),
-                plgpu.Barrier(num_arrivals=2))
+                *(plgpu.Barrier(num_arrivals=wgs, num_barriers=steps) for _ in range(2)),
+                plgpu.Barrier(num_arrivals=2),
+                plgpu.Barrier())  # the exp2 table
     pl.run_scoped(lambda smem_refs, barrier_refs: kernel(
-        q_ref, k_ref, v_ref, consts_ref, seg_ref, vector_refs, out_ref, (smem_refs, barrier_refs)),
+        q_ref, k_ref, v_ref, consts_ref, table_ref, seg_ref, vector_refs, out_ref, (smem_refs, barrier_refs)),
                   smem, barriers, collective_axes="wg")
 
   vector_args = () if vectors is None else vectors
@@ -379,10 +466,10 @@ def binary_attention_gpu(q_sign, q_scale, k_sign, k_scale, v, segments, *, causa
   out = plgpu.kernel(
       entry,
       out_type=jax.ShapeDtypeStruct((batch, q_len, heads, head_dim), dtype),
-      grid=(heads, q_len // (2 * block_q), batch),
+      grid=(heads, pl.cdiv(q_len, cta_rows), batch),
       grid_names=("heads", "q_seq", "batch"),
-      num_threads=3,
+      num_threads=wgs + 1,
       thread_name="wg",
       compiler_params=plgpu.CompilerParams(approx_math=True),
-  )(q8, k8, v_in, consts, *seg_args, *vector_args)
+  )(q8, k8, v_in, consts, *(() if table is None else (table,)), *seg_args, *vector_args)
   return out

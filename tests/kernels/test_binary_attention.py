@@ -295,6 +295,7 @@ def test_gpu_bound_applies_only_where_exp2_cannot_underflow():
     (ba_gpu.GpuTuning(qk_dtype="int8", bounded_softmax=False, schedule_barrier=False), "none",
      "per_head"),
     (ba_gpu.GpuTuning(pv_fp8=True, poly_exp_cols=32), "none", "per_head"),
+    (ba_gpu.GpuTuning(table_exp_cols=64), "none", "per_head"),
     (ba_gpu.GpuTuning(bounded_softmax=False), "block_causal", "per_token"),
 ])
 def test_gpu_kernel_lowers_for_cuda_on_cpu(tuning, mask, scale_mode):
@@ -335,6 +336,10 @@ def _check_gpu_tuning(tuning, shape, mask, scale_mode, atol, input_scale=1.0):
     (ba_gpu.GpuTuning(bounded_softmax=False), 2e-2),
     (ba_gpu.GpuTuning(schedule_barrier=False), 2e-2),
     (ba_gpu.GpuTuning(poly_exp_cols=32), 2e-2),
+    (ba_gpu.GpuTuning(table_exp_cols=64), 2e-2),
+    (ba_gpu.GpuTuning(table_exp_cols=128, qk_dtype="int8"), 2e-2),
+    (ba_gpu.GpuTuning(compute_wgs=3, schedule_barrier=False), 2e-2),
+    (ba_gpu.GpuTuning(compute_wgs=3, schedule_barrier=False, table_exp_cols=64), 2e-2),
     (ba_gpu.GpuTuning(pv_fp8=True), 2e-2),
 ])
 @pytest.mark.parametrize("mask,scale_mode", [("none", "per_head"), ("causal", "per_token"),
