@@ -75,7 +75,8 @@ def bench_prefill(batch, length, heads, head_dim, causal, rows, accuracy):
   ks, ksc = signs(k)
   kernel_only = jax.jit(functools.partial(bag.binary_attention_gpu, causal=causal))
   fp8_pv = jax.jit(functools.partial(bag.binary_attention_gpu, causal=causal,
-                                     tuning=dataclasses.replace(bag.GPU_TUNING, pv_fp8=True)))
+                                     tuning=dataclasses.replace(bag.default_tuning(head_dim),
+                                                               pv_fp8=True)))
   cudnn = jax.jit(functools.partial(jax.nn.dot_product_attention, is_causal=causal,
                                     implementation="cudnn"))
   xla = jax.jit(functools.partial(jax.nn.dot_product_attention, is_causal=causal,
@@ -178,8 +179,9 @@ def decode_sweep():
 
 
 def parse_tuning(spec: str):
-  """"key=value,..." -> (GpuTuning, shape options): GpuTuning fields (bools as 0/1) and the shape
-  keys h (head dim, 64), causal (0), scale (input std, 1: larger values take the online-max path)."""
+  """"key=value,..." -> (GpuTuning, shape options): GpuTuning fields (bools as 0/1) over the head
+  dim's `default_tuning`, and the shape keys h (head dim, 64), causal (0), scale (input std, 1:
+  larger values take the online-max path)."""
   fields = {f.name: f.type for f in dataclasses.fields(bag.GpuTuning)}
   tuning, shape = {}, {"h": 64, "causal": 0, "scale": 1.0}
   for item in filter(None, spec.split(",")):
@@ -195,7 +197,7 @@ def parse_tuning(spec: str):
     else:
       raise ValueError(f"unknown tuning key {key!r} (GpuTuning fields: {sorted(fields)}, or h, "
                        f"causal, scale)")
-  return bag.GpuTuning(**tuning), shape
+  return dataclasses.replace(bag.default_tuning(shape["h"]), **tuning), shape
 
 
 def tune(spec: str):

@@ -1,8 +1,10 @@
 """Binary attention on Hopper GPUs (Mosaic GPU): warp-specialised flash attention with 8-bit +-1 scores.
 
-One CTA takes 2 * block_q queries of one (batch, head): warpgroups 0 and 1 compute (block_q rows
-each), warpgroup 2 streams K, V (and per-token key scales, key segment ids) into a ring of `max_concurrent_steps`
-shared-memory slots with the bulk-copy engine. Per key block a compute warpgroup runs
+One CTA takes compute_wgs * block_q queries of one (batch, head): warpgroups 0 .. compute_wgs - 1
+compute (block_q rows each; where the length is not a multiple of the CTA's rows, the last CTA's
+spare warpgroups recompute the last block and store nothing), the last warpgroup streams K, V (and
+per-token key scales, key segment ids) into a ring of `max_concurrent_steps` shared-memory slots
+with the bulk-copy engine. Per key block a compute warpgroup runs
   1. S = sign(q) sign(k)^T on the tensor cores, 8-bit operands at twice the bf16 rate: fp8 e4m3
      with f32 accumulators (exact: |S| <= H; no int -> float conversion) or s8 -> s32,
   2. x = S * f - shift in base 2, f = s_q s_k log2(e) / sqrt(H) (one scalar per head for per-head
@@ -25,7 +27,6 @@ import math
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 
 from bitgen.kernels._binarize import kernel_factors
@@ -42,6 +43,9 @@ class GpuTuning:
   # Ping-pong two compute warpgroups (one runs its softmax while the other uses the tensor
   # cores), through a 2-arrival rendezvous barrier, as FlashAttention-3 does.
   schedule_barrier: bool = True
+  # Issue block j - 1's P V together with block j's Q K and wait once for both (one tensor-core
+  # round trip a step instead of two); the other warpgroups cover the softmax.
+  skew_pv: bool = False
   # Measured on H100 (bench --tune, B=4 T=4096 N=16 H=64, kernel only), 2026-11-22: int8 with the
   # online max 0.789 ms, fp8 with the online max 0.680, fp8 bounded (default) 0.588, + 32 polynomial
   # exp2 columns 0.637, + fp8 P V 0.833 (max err 4.3e-3 vs 3.7e-4).
@@ -52,11 +56,6 @@ class GpuTuning:
   # The last `poly_exp_cols` columns of each unmasked key block take exp2 as a polynomial on the FMA
   # pipes instead of the MUFU unit (FlashAttention-4's split), 0 = all on the MUFU. Slower at 32.
   poly_exp_cols: int = 0
-  # The first `table_exp_cols` columns of each unmasked bounded key block (per-head scales) read
-  # p = 2^(s f - shift) from a table in shared memory instead of computing exp2 on the MUFU unit:
-  # s is an integer in [-H, H] of H's parity, so a head has only H + 1 values of p. The lookups
-  # run on the load/store pipe beside the MUFU.
-  table_exp_cols: int = 0
   # 8-bit P V (the paper's option): P and V in fp8 e4m3 at twice the bf16 MMA rate. P = 2^(x - m + 8)
   # is written to shared memory (8-bit A operands must be K-major), V is pre-scaled per (batch,
   # head) by a power of two into e4m3's range and transposed (K-major) by XLA. Costs accuracy and,
@@ -64,7 +63,15 @@ class GpuTuning:
   pv_fp8: bool = False
 
 
-GPU_TUNING = GpuTuning()
+
+
+def default_tuning(head_dim: int) -> GpuTuning:
+  """H <= 64: three free-running compute warpgroups and 4 slots (H100, B=4 T=4096 N=16: 0.50-0.52
+  ms against 0.58-0.60 for two in ping-pong); H = 128 keeps two (three: 1.17 against 0.78 ms, as
+  512 threads leave 128 registers a thread)."""
+  if head_dim <= 64:
+    return GpuTuning(compute_wgs=3, schedule_barrier=False, max_concurrent_steps=4, skew_pv=True)
+  return GpuTuning()
 QK_DTYPES = {"float8_e4m3fn": jnp.float8_e4m3fn, "int8": jnp.int8}
 # 2 * shift above which a bounded p = 2^(x - shift) could leave V's dtype's normal range.
 _BOUND_LIMIT = {jnp.dtype(jnp.bfloat16): 100.0, jnp.dtype(jnp.float16): 14.0,
@@ -89,7 +96,7 @@ def unsupported_reason(q, k, v) -> str | None:
   """Why the kernel cannot take these inputs, or None."""
   batch, q_len, heads, head_dim = q.shape
   kv_len = k.shape[1]
-  t = GPU_TUNING
+  t = GpuTuning()  # block sizes: the same in every default
   if v.dtype not in (jnp.bfloat16, jnp.float16):
     return f"V dtype {v.dtype} (the GPU kernel multiplies P V in bf16/f16; f32 takes the reference)"
   if q_len % t.block_q or kv_len % t.block_kv:
@@ -124,55 +131,6 @@ def _exp2_fma(x):
   return lax.bitcast_convert_type(bits, jnp.float32)
 
 
-# Per-lane copies of the exp2 table: lane l reads entry j at j * 32 + l, its own bank.
-_LANES = 32
-
-
-def _exp2_table(consts, head_dim, p_offset):
-  """[B, N, H + 1, 32] f32: entry j (score 2j - H) of each lane's copy, the p of the bounded path."""
-  scores = 2.0 * jnp.arange(head_dim + 1, dtype=jnp.float32) - head_dim  # [H + 1]
-  factor, shift = consts[..., 0:1], consts[..., 1:2] - p_offset  # [B, N, 1]
-  table = jnp.exp2(scores * factor - shift)  # [B, N, H + 1]
-  return jnp.broadcast_to(table[..., None], (*table.shape, _LANES))
-
-
-def _exp2_lookup(s, table_ref, head_dim):
-  """Integer-valued f32 scores s [rows, cols] (WGMMA layout) -> table[(s + H) / 2] per element.
-
-  The index is 16 s + 16 H + lane: fma(s, 16, 1.5 * 2^23 + 16 H) holds it in its low mantissa bits
-  (exact: |16 s| < 2^22), so an FMA and an add replace a float -> int conversion (MUFU-slow).
-  """
-  from jax.experimental.mosaic import gpu as mgpu
-  from jax.experimental.mosaic.gpu import utils as mgpu_utils
-  from jax.experimental.pallas import mosaic_gpu as plgpu
-  from jax._src.lib.mlir import ir
-  from jax._src.lib.mlir.dialects import arith, math as mlir_math, memref, vector
-
-  layout = plgpu.Layout.WGMMA
-
-  @plgpu.inline_mgpu(arg_types=(layout, plgpu.RefType()),
-                     return_type=plgpu.ShapeDtypeStruct(s.shape, jnp.float32, layout=layout))
-  def lookup(_, s, table):
-    table = mgpu_utils.memref_fold(table, 0, 2)  # [(H + 1) * 32]
-    i32, f32, index = ir.IntegerType.get_signless(32), ir.F32Type.get(), ir.IndexType.get()
-    lane = arith.remui(mgpu_utils.thread_idx(), mgpu.c(_LANES, i32))
-    offset = arith.subi(lane, mgpu.c(0x4B400000, i32))  # minus the bits of 1.5 * 2^23
-    sixteen, magic = mgpu.c(16.0, f32), mgpu.c(_ROUND_MAGIC + 16 * head_dim, f32)
-    out = np.empty(s.registers.shape, dtype=object)
-    for idx, reg in np.ndenumerate(s.registers):
-      [vec_len] = ir.VectorType(reg.type).shape
-      values = []
-      for e in range(vec_len):
-        score = vector.extract(reg, dynamic_position=[], static_position=ir.DenseI64ArrayAttr.get([e]))
-        key = mgpu_utils.bitcast(mlir_math.fma(score, sixteen, magic), i32)
-        entry = arith.index_cast(index, arith.addi(key, offset))
-        values.append(memref.load(table, [entry]))
-      out[idx] = vector.from_elements(ir.VectorType.get((vec_len,), f32), values)
-    return mgpu.FragmentedArray(_registers=out, _layout=s.layout, _is_signed=None)
-
-  return lookup(s, table_ref)
-
-
 def _gpu_factors(q_scale, k_scale, p_dtype, v_scale, batch, q_len, kv_len, heads, head_dim):
   """Kernel constants. Per (batch, head): (factor, shift, use_bound, v_scale, 0...) as [B, N, 32]; per
   token also row factors and row shifts [B, N, T] and column factors [B, N, S] (else None)."""
@@ -194,12 +152,13 @@ def _gpu_factors(q_scale, k_scale, p_dtype, v_scale, batch, q_len, kv_len, heads
 
 
 def binary_attention_gpu(q_sign, q_scale, k_sign, k_scale, v, segments, *, causal,
-                 tuning: GpuTuning = GPU_TUNING):
+                 tuning: GpuTuning | None = None):
   from jax.experimental import pallas as pl
   from jax.experimental.pallas import mosaic_gpu as plgpu
 
   batch, q_len, heads, head_dim = q_sign.shape
   kv_len = k_sign.shape[1]
+  tuning = tuning or default_tuning(head_dim)
   block_q, block_kv, steps = tuning.block_q, tuning.block_kv, tuning.max_concurrent_steps
   if tuning.qk_dtype not in QK_DTYPES:
     raise ValueError(f"qk_dtype must be one of {tuple(QK_DTYPES)}, got {tuning.qk_dtype!r}")
@@ -210,9 +169,8 @@ def binary_attention_gpu(q_sign, q_scale, k_sign, k_scale, v, segments, *, causa
   if wgs not in (2, 3) or (tuning.schedule_barrier and wgs != 2):
     raise ValueError(f"compute_wgs must be 2 or 3 (the ping-pong schedule takes 2), got {wgs} with "
                      f"schedule_barrier={tuning.schedule_barrier}")
-  if tuning.table_exp_cols % 8 or not 0 <= tuning.table_exp_cols <= block_kv - tuning.poly_exp_cols:
-    raise ValueError(f"table_exp_cols must be a multiple of 8, at most {block_kv} minus "
-                     f"poly_exp_cols, got {tuning.table_exp_cols}")
+  if tuning.skew_pv and (tuning.schedule_barrier or tuning.pv_fp8):
+    raise ValueError("skew_pv takes neither the ping-pong schedule_barrier nor pv_fp8")
   qk_dtype = QK_DTYPES[tuning.qk_dtype]
   acc_dtype = jnp.int32 if qk_dtype == jnp.int8 else jnp.float32
   dtype = v.dtype
@@ -228,8 +186,6 @@ def binary_attention_gpu(q_sign, q_scale, k_sign, k_scale, v, segments, *, causa
   consts, vectors = _gpu_factors(q_scale, k_scale, p_dtype, v_scale, batch, q_len, kv_len, heads,
                                  head_dim)
   per_token = vectors is not None
-  use_table = tuning.table_exp_cols > 0 and not per_token
-  table = _exp2_table(consts, head_dim, p_offset) if use_table else None
   # Segment ids [B, T] (block-causal: query i sees key j iff seg[j] <= seg[i]); causal arrives as
   # arange segments and takes the cheaper iota mask with its block skipping instead.
   segmented = segments is not None and not causal
@@ -238,14 +194,14 @@ def binary_attention_gpu(q_sign, q_scale, k_sign, k_scale, v, segments, *, causa
   cta_rows = wgs * block_q
   row_layout, col_layout = plgpu.Layout.WGMMA.reduce(1), plgpu.Layout.WGMMA.reduce(0)
 
-  def kernel(q_ref, k_ref, v_ref, consts_ref, table_ref, seg_ref, vector_refs, out_ref, scoped):
+  def kernel(q_ref, k_ref, v_ref, consts_ref, seg_ref, vector_refs, out_ref, scoped):
     b, n, tile = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("q_seq")
     wg = lax.axis_index("wg")
     smem, barriers = scoped
     (q_smem2, o_smem2, k_smem, v_smem, p_smem2, consts_smem2, rows_smem2, col_smem, q_seg_smem2,
-     k_seg_smem, table_smem) = smem
+     k_seg_smem) = smem
     (q_barriers, k_barriers, v_barriers, col_barriers, seg_barriers, k_consumed, v_consumed,
-     schedule, table_barrier) = barriers
+     schedule) = barriers
 
     def rendezvous():
       if tuning.schedule_barrier:
@@ -274,13 +230,8 @@ def binary_attention_gpu(q_sign, q_scale, k_sign, k_scale, v, segments, *, causa
         copies.append((seg_ref.at[b, pl.ds(q_base, block_q)], q_seg_smem2.at[wg]))
       for i, (src, dst) in enumerate(copies):
         plgpu.copy_gmem_to_smem(src, dst, q_barriers.at[wg * _Q_COPIES + i])
-      if use_table:  # one copy a CTA, both warpgroups read it
-        pl.when(wg == 0)(lambda: plgpu.copy_gmem_to_smem(table_ref.at[b, n], table_smem,
-                                                         table_barrier))
       for i in range(len(copies)):
         plgpu.barrier_wait(q_barriers.at[wg * _Q_COPIES + i])
-      if use_table:
-        plgpu.barrier_wait(table_barrier)
       if segmented:
         q_seg = plgpu.load(q_seg_smem2.at[wg], layout=row_layout)
       factor, shift, use_bound = consts_smem[0], consts_smem[1] - p_offset, consts_smem[2]
@@ -293,9 +244,17 @@ def binary_attention_gpu(q_sign, q_scale, k_sign, k_scale, v, segments, *, causa
       kv_steps = (pl.cdiv(q_base + block_q, jnp.array(block_kv, jnp.int32)) if causal
                   else max_kv_steps)
 
-      def kv_step(step, carry, *, masked, bounded):
-        acc, m_i, l_i = carry
+      def pv(p, slot, acc_ref):
+        if tuning.pv_fp8:
+          plgpu.wgmma(acc_ref, p_smem2.at[wg], v_smem.at[slot].transpose((1, 0)))
+        else:
+          plgpu.wgmma(acc_ref, p.astype(dtype), v_smem.at[slot])
+
+      def kv_step(step, carry, *, masked, bounded, first=False):
+        acc, m_i, l_i, *p_prev = carry  # p_prev: [p of block step - 1] with skew_pv
+        skewed = tuning.skew_pv and not first
         slot = lax.rem(step, jnp.array(steps, step.dtype))
+        prev_slot = lax.rem(step + steps - 1, jnp.array(steps, step.dtype))
         plgpu.barrier_wait(k_barriers.at[slot])
         if per_token:
           plgpu.barrier_wait(col_barriers.at[slot])
@@ -304,9 +263,13 @@ def binary_attention_gpu(q_sign, q_scale, k_sign, k_scale, v, segments, *, causa
 
         def scores(acc_ref):  # 1. [block_q, block_kv], exact
           plgpu.wgmma(acc_ref, q_smem, k_smem.at[slot].transpose((1, 0)))
+          new_acc = (pl.run_state(functools.partial(pv, p_prev[0], prev_slot))(
+              plgpu.ACC.init(acc)) if skewed else acc)
           rendezvous()
-          return acc_ref[...]
-        s = pl.run_scoped(scores, plgpu.ACC((block_q, block_kv), acc_dtype))
+          return acc_ref[...], new_acc
+        s, acc = pl.run_scoped(scores, plgpu.ACC((block_q, block_kv), acc_dtype))
+        if skewed:
+          plgpu.barrier_arrive(v_consumed.at[prev_slot])
         if per_token:
           col_factor = plgpu.load(col_smem.at[slot], layout=col_layout)
         if segmented:
@@ -336,13 +299,8 @@ def binary_attention_gpu(q_sign, q_scale, k_sign, k_scale, v, segments, *, causa
             m_new = jnp.maximum(m_new, -1e30)
           x = s * (row(row_factor) if per_token else factor) - row(m_new - p_offset)
         split = block_kv - tuning.poly_exp_cols
-        table_cols = tuning.table_exp_cols if use_table and bounded else 0
         if tuning.poly_exp_cols and not (masked or segmented):  # the polynomial maps -inf to 2^-126
           p = jnp.concatenate([jnp.exp2(x[:, :split]), _exp2_fma(x[:, split:])], axis=1)
-        elif table_cols and not (masked or segmented):  # the table takes no mask
-          looked_up = _exp2_lookup(s[:, :table_cols], table_smem, head_dim)
-          p = (looked_up if table_cols == block_kv
-               else jnp.concatenate([looked_up, jnp.exp2(x[:, table_cols:])], axis=1))
         else:
           p = jnp.exp2(x)
         if bounded:
@@ -357,27 +315,35 @@ def binary_attention_gpu(q_sign, q_scale, k_sign, k_scale, v, segments, *, causa
         if tuning.schedule_barrier:
           plgpu.barrier_arrive(schedule)  # softmax done: hand the tensor cores over
         plgpu.barrier_wait(v_barriers.at[slot])
+        if tuning.skew_pv:  # P V in the next step's tensor-core round trip
+          return acc, m_new, l_i, p.astype(dtype)
         if tuning.schedule_barrier:
           plgpu.barrier_wait(schedule)
-
-        def pv(acc_ref):
-          if tuning.pv_fp8:
-            plgpu.wgmma(acc_ref, p_smem2.at[wg], v_smem.at[slot].transpose((1, 0)))
-          else:
-            plgpu.wgmma(acc_ref, p.astype(dtype), v_smem.at[slot])
-        acc = pl.run_state(pv)(plgpu.ACC.init(acc))
+        acc = pl.run_state(functools.partial(pv, p, slot))(plgpu.ACC.init(acc))
         plgpu.barrier_arrive(v_consumed.at[slot])
         return acc, m_new, l_i
 
       def kv_loop(carry, bounded):
+        start = 0
+        if tuning.skew_pv:  # block 0 has no P V before it (masked where causal: harmless if full)
+          carry = kv_step(jnp.int32(0), carry, masked=causal, bounded=bounded, first=True)
+          start = 1
         if causal:
           full_steps = lax.div(q_base, jnp.array(block_kv, jnp.int32))
-          carry = lax.fori_loop(0, full_steps, functools.partial(
+          carry = lax.fori_loop(start, full_steps, functools.partial(
               kv_step, masked=False, bounded=bounded), carry)
-          return lax.fori_loop(full_steps, kv_steps, functools.partial(
+          carry = lax.fori_loop(jnp.maximum(full_steps, start), kv_steps, functools.partial(
               kv_step, masked=True, bounded=bounded), carry)
-        return lax.fori_loop(0, kv_steps, functools.partial(
-            kv_step, masked=False, bounded=bounded), carry)
+        else:
+          carry = lax.fori_loop(start, kv_steps, functools.partial(
+              kv_step, masked=False, bounded=bounded), carry)
+        if not tuning.skew_pv:
+          return carry
+        acc, m_i, l_i, p = carry
+        last = lax.rem(kv_steps - 1, steps)
+        acc = pl.run_state(functools.partial(pv, p, last))(plgpu.ACC.init(acc))
+        plgpu.barrier_arrive(v_consumed.at[last])
+        return acc, m_i, l_i
 
       carry = (acc, m_i, l_i)
       pl.when(wg == 1)(rendezvous)  # offsets the two warpgroups by half an iteration
@@ -434,7 +400,6 @@ def binary_attention_gpu(q_sign, q_scale, k_sign, k_scale, v, segments, *, causa
 
   def entry(q_ref, k_ref, v_ref, consts_ref, *rest):
     *rest, out_ref = rest
-    table_ref, rest = (rest[0], rest[1:]) if use_table else (None, rest)
     seg_ref, vector_refs = (rest[0], rest[1:]) if segmented else (None, rest)
     qk_tf, v_tf = _smem_transforms(qk_dtype, head_dim), _smem_transforms(dtype, head_dim)
     p8_tf = _smem_transforms(jnp.float8_e4m3fn, block_kv)
@@ -450,15 +415,13 @@ def binary_attention_gpu(q_sign, q_scale, k_sign, k_scale, v, segments, *, causa
             plgpu.SMEM((wgs, 2, block_q), jnp.float32) if per_token else None,
             plgpu.SMEM((steps, block_kv), jnp.float32) if per_token else None,
             plgpu.SMEM((wgs, block_q), jnp.int32) if segmented else None,
-            plgpu.SMEM((steps, block_kv), jnp.int32) if segmented else None,
-            plgpu.SMEM((head_dim + 1, _LANES), jnp.float32) if use_table else None)
+            plgpu.SMEM((steps, block_kv), jnp.int32) if segmented else None)
     barriers = (plgpu.Barrier(num_barriers=wgs * _Q_COPIES),
                 *(plgpu.Barrier(num_barriers=steps) for _ in range(4)),  # K, V, column factors, ids
                 *(plgpu.Barrier(num_arrivals=wgs, num_barriers=steps) for _ in range(2)),
-                plgpu.Barrier(num_arrivals=2),
-                plgpu.Barrier())  # the exp2 table
+                plgpu.Barrier(num_arrivals=2))
     pl.run_scoped(lambda smem_refs, barrier_refs: kernel(
-        q_ref, k_ref, v_ref, consts_ref, table_ref, seg_ref, vector_refs, out_ref, (smem_refs, barrier_refs)),
+        q_ref, k_ref, v_ref, consts_ref, seg_ref, vector_refs, out_ref, (smem_refs, barrier_refs)),
                   smem, barriers, collective_axes="wg")
 
   vector_args = () if vectors is None else vectors
@@ -471,5 +434,5 @@ def binary_attention_gpu(q_sign, q_scale, k_sign, k_scale, v, segments, *, causa
       num_threads=wgs + 1,
       thread_name="wg",
       compiler_params=plgpu.CompilerParams(approx_math=True),
-  )(q8, k8, v_in, consts, *(() if table is None else (table,)), *seg_args, *vector_args)
+  )(q8, k8, v_in, consts, *seg_args, *vector_args)
   return out

@@ -295,7 +295,6 @@ def test_gpu_bound_applies_only_where_exp2_cannot_underflow():
     (ba_gpu.GpuTuning(qk_dtype="int8", bounded_softmax=False, schedule_barrier=False), "none",
      "per_head"),
     (ba_gpu.GpuTuning(pv_fp8=True, poly_exp_cols=32), "none", "per_head"),
-    (ba_gpu.GpuTuning(table_exp_cols=64), "none", "per_head"),
     (ba_gpu.GpuTuning(bounded_softmax=False), "block_causal", "per_token"),
 ])
 def test_gpu_kernel_lowers_for_cuda_on_cpu(tuning, mask, scale_mode):
@@ -307,6 +306,29 @@ def test_gpu_kernel_lowers_for_cuda_on_cpu(tuning, mask, scale_mode):
   text = fn.trace(shape, scale, shape, scale, shape, segments).lower(
       lowering_platforms=("cuda",)).as_text()
   assert "mosaic_gpu" in text
+
+
+@pytest.mark.parametrize("mask", ["none", "causal", "block_causal"])
+def test_gpu_default_tuning_lowers_at_ragged_lengths(mask):
+  """H=64 runs three compute warpgroups (192 rows a CTA): at T=256 the last CTA has two spare."""
+  assert ba_gpu.default_tuning(64).compute_wgs == 3
+  shape = jax.ShapeDtypeStruct((1, 256, 2, 64), jnp.bfloat16)
+  scale = jax.ShapeDtypeStruct((1, 1, 2, 1), jnp.float32)
+  segments = jax.ShapeDtypeStruct((1, 256), jnp.int32) if mask == "block_causal" else None
+  fn = jax.jit(functools.partial(ba_gpu.binary_attention_gpu, causal=mask == "causal"))
+  text = fn.trace(shape, scale, shape, scale, shape, segments).lower(
+      lowering_platforms=("cuda",)).as_text()
+  assert "mosaic_gpu" in text
+
+
+def test_gpu_tuning_refuses_bad_warpgroup_schedules():
+  q = jnp.zeros((1, 128, 1, 64), jnp.bfloat16)
+  scale = jnp.ones((1, 1, 1, 1), jnp.float32)
+  for tuning in (ba_gpu.GpuTuning(compute_wgs=4, schedule_barrier=False),
+                 ba_gpu.GpuTuning(compute_wgs=3, schedule_barrier=True),
+                 ba_gpu.GpuTuning(skew_pv=True, schedule_barrier=True)):
+    with pytest.raises(ValueError, match="compute_wgs|skew_pv"):
+      ba_gpu.binary_attention_gpu(q, scale, q, scale, q, None, causal=False, tuning=tuning)
 
 
 # ------------------------------------------------------------------------------ GPU on device
@@ -336,10 +358,9 @@ def _check_gpu_tuning(tuning, shape, mask, scale_mode, atol, input_scale=1.0):
     (ba_gpu.GpuTuning(bounded_softmax=False), 2e-2),
     (ba_gpu.GpuTuning(schedule_barrier=False), 2e-2),
     (ba_gpu.GpuTuning(poly_exp_cols=32), 2e-2),
-    (ba_gpu.GpuTuning(table_exp_cols=64), 2e-2),
-    (ba_gpu.GpuTuning(table_exp_cols=128, qk_dtype="int8"), 2e-2),
     (ba_gpu.GpuTuning(compute_wgs=3, schedule_barrier=False), 2e-2),
-    (ba_gpu.GpuTuning(compute_wgs=3, schedule_barrier=False, table_exp_cols=64), 2e-2),
+    (ba_gpu.GpuTuning(compute_wgs=2, schedule_barrier=True), 2e-2),  # the ping-pong kernel at H=64
+    (ba_gpu.GpuTuning(compute_wgs=3, schedule_barrier=False, skew_pv=True), 2e-2),
     (ba_gpu.GpuTuning(pv_fp8=True), 2e-2),
 ])
 @pytest.mark.parametrize("mask,scale_mode", [("none", "per_head"), ("causal", "per_token"),
