@@ -20,8 +20,9 @@ the weights, only where N % 64 != 0) and the padded channels are sliced off.
   contiguous values of K: one wgmma each, 2 and 3 share one). Two more ops a register make each byte
   the weight (c - 1) 4^s, so no work on x is needed outside the kernel.
   The consumers' accumulators are summed through shared memory.
-  Measured: 10.8 us GPU time at M=8, K=N=8192 on an H100 (2 consumers, offset in the bytes), about
-  2.2x the memory floor; the variants and what each bought: RESULTS_quantized_matmul.md.
+  Measured at M=8, K=N=8192 on an H100: 10.7-10.8 us GPU time (10.5-10.6 us of it this kernel;
+  2 consumers, 3 stages); the same ring with the consumers' work skipped streams in 7.9 us, and XLA
+  reads the 16 MiB of words in 7.4 us. The variants and what each bought: RESULTS_quantized_matmul.md.
 
 With `split_k == 1` the kernel ends the whole product: the int32 accumulator [64, Mp] is scaled
 (x_scale[m] then w_scale[n], as the reference) and stored transposed into out [M, N] from
@@ -51,6 +52,7 @@ _SWIZZLE = 128  # bytes: one swizzle row is 128 int8 values of K
 _GROUP_WORDS = ternary_pack.MAX_GROUP_WORDS  # 128 words = 2048 values: one pipeline step
 _SM_COUNT = 132  # H100 / H200
 _BYTES = 4  # int8 values in a 32-bit register
+_PRODUCER_REGISTERS = 40  # a thread of the ternary GEMV's TMA warpgroup (`setmaxnreg`)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -284,12 +286,26 @@ def _int8_call(x, w, x_scale, w_scale, config: GemvConfig, *, scaled: bool, out_
   )(*operands)
 
 
+def _register_split(consumers: int) -> tuple[int, int]:
+  """(producer, consumer) registers a thread for `setmaxnreg`, within what the launch allocated.
+
+  ptxas gives each of the (consumers + 1) * 128 threads 64 Ki / threads registers (a multiple of 8,
+  at most 255); a consumer's `setmaxnreg.inc` blocks until the producer's decrease has freed enough,
+  so more than that pool in total would hang the kernel.
+  """
+  threads = 128 * (consumers + 1)
+  pool = min(255, 65536 // threads) // 8 * 8 * (consumers + 1)
+  return _PRODUCER_REGISTERS, min(256, (pool - _PRODUCER_REGISTERS) // consumers // 8 * 8)
+
+
 def _ternary_call(x, w, x_scale, w_scale, config: GemvConfig, *, scaled: bool, out_dtype,
                   interpret):
   """The ternary kernel (same outputs as `_int8_call`): a producer warpgroup streams x and the words
   through a TMA ring; `config.warpgroups` consumers each unpack 4 / warpgroups bytes of every step's
   words and keep their own accumulators, summed through shared memory at the end.
 
+  The ring is written out here rather than taken from `emit_pipeline_warp_specialized`: its steps
+  (4 at K=8192) are unrolled, and the register split is the one `_register_split` derives.
   Three accumulators take the weights c - 1 of planes times 1, 4, 16 (`_PLANE_BITS`).
   """
   if interpret:
@@ -304,19 +320,12 @@ def _ternary_call(x, w, x_scale, w_scale, config: GemvConfig, *, scaled: bool, o
                                  fused=fused)
   padded_m = operands[0].shape[0]
   k_slice, w_cols = k // splits, k // splits // ternary_pack.VALUES_PER_WORD
-  steps = k_slice // config.block_k
+  steps = k_slice // config.block_k  # one packing group a step
+  stages = min(config.stages, steps)
   byte_count = _BYTES // consumers  # bytes of the words a consumer unpacks
-  swizzled = (plgpu.TilingTransform((8, _SWIZZLE)), plgpu.SwizzleTransform(_SWIZZLE))
-  x_spec = plgpu.BlockSpec((padded_m, config.block_k), lambda t: (0, t), transforms=swizzled)
-  w_spec = plgpu.BlockSpec((ROWS, _GROUP_WORDS), lambda t: (0, t))  # plain: loaded into registers
+  producer_regs, consumer_regs = _register_split(consumers)
 
-  def get_pipeline(body, compute_context):
-    return plgpu.emit_pipeline_warp_specialized(
-        body, grid=(steps,), memory_registers=40, in_specs=[x_spec, w_spec], wg_axis="wg",
-        num_compute_wgs=consumers, max_concurrent_steps=min(config.stages, steps),
-        compute_context=compute_context)
-
-  def step(_, x_smem, w_smem, accs):
+  def step(w_smem, x_smem, accs):
     # x_smem [Mp, 2048] int8 (swizzled); w_smem [64, 128] int32 words.
     wg = lax.axis_index("wg")
     gathered = _gather_bytes(plgpu.load(w_smem, layout=_INT8_OPERAND), byte_count)
@@ -326,15 +335,12 @@ def _ternary_call(x, w, x_scale, w_scale, config: GemvConfig, *, scaled: bool, o
         start = pl.multiple_of((b * _BYTES + planes[0]) * _GROUP_WORDS, _GROUP_WORDS)
         x_planes = x_smem.at[:, pl.ds(start, len(planes) * _GROUP_WORDS)].T
         plgpu.wgmma(acc_ref, _codes(gathered[i], planes), x_planes)
-    plgpu.wgmma_wait(0)
-    return accs
 
-  def kernel(x_gmem, w_gmem, xs_gmem, ws_gmem, out_gmem, sums_smem, sums_barrier):
+  def kernel(x_gmem, w_gmem, xs_gmem, ws_gmem, out_gmem, w_ring, x_ring, produced, consumed,
+             sums_smem, sums_barrier):
     block, split = lax.axis_index("n"), lax.axis_index("k")
     wg = lax.axis_index("wg")
     rows = pl.ds(block * ROWS, ROWS)
-    x_slice = x_gmem.at[:, pl.ds(split * k_slice, k_slice)]
-    w_slice = w_gmem.at[rows, pl.ds(split * w_cols, w_cols)]
 
     def finish(acc):  # [64, Mp] int32, this consumer's share
       if consumers == 1:
@@ -359,25 +365,36 @@ def _ternary_call(x, w, x_scale, w_scale, config: GemvConfig, *, scaled: bool, o
       else:
         out_gmem.at[split, rows][...] = acc
 
-    def compute_context(eval_pipeline):
+    @pl.when(wg == consumers)
+    def _producer():
+      plgpu.set_max_registers(producer_regs, action="decrease")
+      for t in range(steps):
+        slot = t % stages
+        if t >= stages:  # the consumers are done with step t - stages
+          plgpu.barrier_wait(consumed.at[slot])
+        words = pl.ds(split * w_cols + t * _GROUP_WORDS, _GROUP_WORDS)
+        plgpu.copy_gmem_to_smem(w_gmem.at[rows, words], w_ring.at[slot], produced.at[slot])
+        columns = pl.ds(split * k_slice + t * config.block_k, config.block_k)
+        plgpu.copy_gmem_to_smem(x_gmem.at[:, columns], x_ring.at[slot], produced.at[slot])
+
+    @pl.when(wg < consumers)
+    def _consumers():
+      plgpu.set_max_registers(consumer_regs, action="increase")
       acc_type = plgpu.ACC((ROWS, padded_m), jnp.int32)
 
       @functools.partial(pl.run_scoped, a1=acc_type, a4=acc_type, a16=acc_type)
       def _acc_scope(a1, a4, a16):
-        eval_pipeline((a1, a4, a16))
+        for t in range(steps):
+          slot = t % stages
+          plgpu.barrier_wait(produced.at[slot])
+          step(w_ring.at[slot], x_ring.at[slot], (a1, a4, a16))
+          plgpu.wgmma_wait(0)
+          plgpu.barrier_arrive(consumed.at[slot])
         acc = plgpu.layout_cast(a1[...] + (a4[...] >> 2) + (a16[...] >> 4),
                                 plgpu.Layout.WGMMA)  # exact: a4, a16 are multiples of 4, 16
         finish(acc)
 
-    ignore = lambda *_, **__: None
-
-    @functools.partial(pl.run_scoped,
-                       allocs=get_pipeline(ignore, ignore).get_allocations(x_gmem, w_gmem),
-                       collective_axes="wg")
-    def _scope(allocs):
-      get_pipeline(step, compute_context)(
-          x_slice, w_slice, allocations=allocs)
-
+  swizzled = (plgpu.TilingTransform((8, _SWIZZLE)), plgpu.SwizzleTransform(_SWIZZLE))
   return plgpu.kernel(
       kernel,
       out_type=out_type,
@@ -386,6 +403,10 @@ def _ternary_call(x, w, x_scale, w_scale, config: GemvConfig, *, scaled: bool, o
       num_threads=consumers + 1,
       thread_name="wg",
       scratch_types=dict(
+          w_ring=plgpu.SMEM((stages, ROWS, _GROUP_WORDS), jnp.int32),
+          x_ring=plgpu.SMEM((stages, padded_m, config.block_k), jnp.int8, transforms=swizzled),
+          produced=plgpu.Barrier(num_arrivals=2, num_barriers=stages),  # the words' and x's TMAs
+          consumed=plgpu.Barrier(num_arrivals=consumers, num_barriers=stages),
           sums_smem=plgpu.SMEM((max(consumers - 1, 1), ROWS, padded_m), jnp.int32),
           sums_barrier=plgpu.Barrier(num_arrivals=max(consumers - 1, 1)),
       ),

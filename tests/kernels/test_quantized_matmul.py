@@ -201,6 +201,16 @@ def test_gpu_ternary_gemv_refuses_other_warpgroup_counts():
                out_dtype=jnp.int32)
 
 
+def test_gpu_ternary_gemv_register_split_fits_what_ptxas_allocates():
+  # ptxas gives the 384-thread kernel (2 consumers) 168 registers a thread; a consumer's
+  # `setmaxnreg.inc` past that pool never returns (how a 4-consumer variant hung).
+  from bitgen.kernels import quantized_matmul_gpu_gemv as gemv
+  producer, consumer = gemv._register_split(2)
+  assert producer + 2 * consumer <= 3 * 168 and consumer >= 224
+  producer, consumer = gemv._register_split(1)
+  assert producer + consumer <= 2 * 248 and consumer == 256
+
+
 def test_triton_gemm_only_with_an_explicit_config_that_fits():
   from bitgen.kernels import quantized_matmul_gpu as gpu
   x, w = jnp.zeros((40, 256), jnp.int8), jnp.zeros((96, 256), jnp.int8)
