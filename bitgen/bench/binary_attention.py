@@ -76,7 +76,7 @@ def bench_prefill(batch, length, heads, head_dim, causal, rows, accuracy):
   kernel_only = jax.jit(functools.partial(bag.binary_attention_gpu, causal=causal))
   fp8_pv = jax.jit(functools.partial(bag.binary_attention_gpu, causal=causal,
                                      tuning=dataclasses.replace(bag.default_tuning(head_dim),
-                                                               pv_fp8=True)))
+                                                               pv_fp8=True, skew_pv=False)))
   cudnn = jax.jit(functools.partial(jax.nn.dot_product_attention, is_causal=causal,
                                     implementation="cudnn"))
   xla = jax.jit(functools.partial(jax.nn.dot_product_attention, is_causal=causal,

@@ -55,8 +55,12 @@ def sign_scale(x: jax.Array, scale_mode: ScaleMode) -> jax.Array:
   """s = mean|x| in float32 for x: [B, T, N, H]: [B, 1, N, 1] per_head, [B, T, N, 1] per_token."""
   if scale_mode not in SCALE_MODES:
     raise ValueError(f"scale_mode must be one of {SCALE_MODES}, got {scale_mode!r}")
-  axes = (1, 3) if scale_mode == "per_head" else (3,)
-  return jnp.mean(_abs_torch_grad(x.astype(jnp.float32)), axis=axes, keepdims=True)
+  per_token = jnp.mean(_abs_torch_grad(x.astype(jnp.float32)), axis=3, keepdims=True)
+  if scale_mode == "per_token":
+    return per_token
+  # Mean of the per-token means (equal counts): two reductions over adjacent axes, as XLA's GPU
+  # reduction over axes (1, 3) at once took ~0.09 ms at [4, 4096, 16, 64] on an H100.
+  return jnp.mean(per_token, axis=1, keepdims=True)
 
 
 def _abs_torch_grad(x: jax.Array) -> jax.Array:
