@@ -47,7 +47,7 @@ class GpuTuning:
   # round trip a step instead of two); the other warpgroups cover the softmax.
   skew_pv: bool = False
   # Measured on H100 (bench --tune, B=4 T=4096 N=16 H=64, kernel only), 2026-11-22: int8 with the
-  # online max 0.789 ms, fp8 with the online max 0.680, fp8 bounded (default) 0.588, + 32 polynomial
+  # online max 0.789 ms, fp8 with the online max 0.680, fp8 bounded 0.588, + 32 polynomial
   # exp2 columns 0.637, + fp8 P V 0.833 (max err 4.3e-3 vs 3.7e-4).
   # Operand type of the +-1 scores: "float8_e4m3fn" (f32 accumulators) or "int8" (s32, converted).
   qk_dtype: str = "float8_e4m3fn"
@@ -63,15 +63,15 @@ class GpuTuning:
   pv_fp8: bool = False
 
 
-
-
 def default_tuning(head_dim: int) -> GpuTuning:
-  """H <= 64: three free-running compute warpgroups and 4 slots (H100, B=4 T=4096 N=16: 0.50-0.52
-  ms against 0.58-0.60 for two in ping-pong); H = 128 keeps two (three: 1.17 against 0.78 ms, as
-  512 threads leave 128 registers a thread)."""
+  """H <= 64: three free-running compute warpgroups, 4 slots, skewed P V (H100, B=4 T=4096 N=16:
+  0.50-0.53 ms against 0.59 for two in ping-pong); H = 128 keeps two (three: 1.17 against 0.78 ms,
+  as 512 threads leave 128 registers a thread)."""
   if head_dim <= 64:
     return GpuTuning(compute_wgs=3, schedule_barrier=False, max_concurrent_steps=4, skew_pv=True)
   return GpuTuning()
+
+
 QK_DTYPES = {"float8_e4m3fn": jnp.float8_e4m3fn, "int8": jnp.int8}
 # 2 * shift above which a bounded p = 2^(x - shift) could leave V's dtype's normal range.
 _BOUND_LIMIT = {jnp.dtype(jnp.bfloat16): 100.0, jnp.dtype(jnp.float16): 14.0,
