@@ -9,20 +9,18 @@ end of an array, so N is padded to whole blocks of 64 channels with zero weight 
 the weights, only where N % 64 != 0) and the padded channels are sliced off.
 
 - int8 weights: the wgmma reads both operands from shared memory (K-major, 128-byte swizzle).
-- ternary weights (`_ternary_call`): a warp-specialized kernel: a producer warpgroup streams one
-  packing group a step (128 words of each row = 2048 values of K, see `ternary_pack`, and x's
-  matching columns) through a TMA ring; `warpgroups` consumer warpgroups each load the step's words
-  into registers (4 consecutive words a thread, in the wgmma's 8-bit operand layout) and unpack
-  4 / warpgroups of the bytes: byte b of the 4 words is gathered into one register (`prmt`s), so a
-  register holds the codes c = w + 1 of planes 4b..4b+3 at 4 consecutive K, and one AND (two for the
-  top plane) takes plane 4b + s as c * 4^s (< 128: the wgmma takes signed 8-bit only) straight into
+- ternary weights (`_ternary_call`): a warp-specialized kernel: a producer warpgroup streams four
+  packing groups a step (4 x 128 bytes of each row = 2048 values of K, see `ternary_pack`, and x's
+  matching columns) through a TMA ring into 128-byte swizzled tiles; `warpgroups` consumer
+  warpgroups each load 4 / warpgroups of the step's groups into registers in the wgmma's 8-bit
+  operand layout (4 consecutive bytes a thread, conflict-free through the swizzle), so a register
+  holds the codes c = w + 1 of planes 0..3 of the group at 4 consecutive K, and one AND (two for the
+  top plane) takes plane s as c * 4^s (< 128: the wgmma takes signed 8-bit only) straight into
   the register operand. Planes of weight 1, 4 and 16 go to three accumulators (planes are 128
   contiguous values of K: one wgmma each, 2 and 3 share one). Two more ops a register make each byte
   the weight (c - 1) 4^s, so no work on x is needed outside the kernel.
-  The consumers' accumulators are summed through shared memory.
-  Measured at M=8, K=N=8192 on an H100: 10.7-10.8 us GPU time (10.5-10.6 us of it this kernel;
-  2 consumers, 3 stages); the same ring with the consumers' work skipped streams in 7.9 us, and XLA
-  reads the 16 MiB of words in 7.4 us. The variants and what each bought: RESULTS_quantized_matmul.md.
+  The consumers' accumulators are summed through shared memory. Measured numbers and the variants
+  tried: RESULTS_quantized_matmul.md.
 
 With `split_k == 1` the kernel ends the whole product: the int32 accumulator [64, Mp] is scaled
 (x_scale[m] then w_scale[n], as the reference) and stored transposed into out [M, N] from
@@ -49,9 +47,9 @@ from bitgen.kernels import ternary_pack
 MAX_M = 16
 ROWS = 64  # output channels per CTA: the M of one Hopper wgmma
 _SWIZZLE = 128  # bytes: one swizzle row is 128 int8 values of K
-_GROUP_WORDS = ternary_pack.MAX_GROUP_WORDS  # 128 words = 2048 values: one pipeline step
+_GROUP_BYTES = ternary_pack.MAX_GROUP_BYTES  # 128 bytes of a row = 512 values: 4 planes of 128
+_STEP_GROUPS = 4  # ternary packing groups a pipeline step (2048 values of K)
 _SM_COUNT = 132  # H100 / H200
-_BYTES = 4  # int8 values in a 32-bit register
 _PRODUCER_REGISTERS = 40  # a thread of the ternary GEMV's TMA warpgroup (`setmaxnreg`)
 
 
@@ -60,7 +58,7 @@ class GemvConfig:
   block_k: int  # values of K a pipeline step (ternary: one packing group, 2048)
   split_k: int  # CTAs sharing a block of channels, each over K / split_k (1: scaled out in-kernel)
   stages: int  # pipeline depth (steps in flight)
-  warpgroups: int = 1  # ternary: consumer warpgroups, each unpacking 4 / warpgroups bytes of the words
+  warpgroups: int = 1  # ternary: consumer warpgroups, each unpacking 4 / warpgroups groups a step
 
 
 def _split_k(k: int, n: int, block_k: int) -> int:
@@ -76,9 +74,9 @@ def default_config(m: int, k: int, n: int, ternary: bool) -> GemvConfig | str:
   if m > MAX_M:
     return f"the GEMV takes M <= {MAX_M} rows, got M={m}"
   if ternary:
-    block_k = ternary_pack.VALUES_PER_WORD * _GROUP_WORDS
+    block_k = ternary_pack.VALUES_PER_BYTE * _GROUP_BYTES * _STEP_GROUPS
     if k % block_k:
-      return f"the ternary GEMV needs K a multiple of {block_k} (whole 128-word groups), got K={k}"
+      return f"the ternary GEMV needs K a multiple of {block_k} (4 whole 128-byte groups), got K={k}"
     return GemvConfig(block_k=block_k, split_k=_split_k(k, n, block_k), stages=3, warpgroups=2)
   block_k = next((b for b in (512, 256, 128) if k % b == 0), None)
   if block_k is None:
@@ -91,16 +89,9 @@ def _i32(value: int):
       ir.IntegerType.get_signless(32), value - (1 << 32) if value >= 1 << 31 else value))
 
 
-def _prmt(a, b, selector):
-  """PTX prmt.b32: result byte i = byte (selector >> 4 i) & 7 of {b:a} (a: bytes 0-3, b: 4-7)."""
-  return mgpu_utils.inline_ptx("prmt.b32 $0, $1, $2, $3;", a, b,
-                               _i32(selector) if isinstance(selector, int) else selector,
-                               result_types=ir.IntegerType.get_signless(32))
-
-
 _INT8_OPERAND = plgpu.Layout.WGMMA_8BIT
-# (shift, mask, bias) of bit pair s of each byte: byte b of (r >> shift) & mask is the code c = w + 1
-# of plane 4b + s times 1, 4, 16, 16 (|value| < 128: the wgmma takes signed 8-bit operands only);
+# (shift, mask, bias) of bit pair s of each byte: each byte of (r >> shift) & mask is the code c = w + 1
+# of plane s times 1, 4, 16, 16 (|value| < 128: the wgmma takes signed 8-bit operands only);
 # + bias ^ 0x80808080 makes it (c - 1) times the same, per byte, with no carry between bytes.
 _PLANE_BITS = ((0, 0x03030303, 0x7F7F7F7F), (0, 0x0C0C0C0C, 0x7C7C7C7C),
                (0, 0x30303030, 0x70707070), (2, 0x30303030, 0x70707070))
@@ -112,51 +103,21 @@ def _operand_type(k: int):
   return plgpu.ShapeDtypeStruct((ROWS, k), jnp.int8, layout=_INT8_OPERAND)
 
 
-def _gather_bytes(words, count: int):
-  """[64, 128] int32 words (4 consecutive a thread) -> `count` x [64, 128] int8: bytes b of the words.
+def _weights(group, planes: tuple[int, ...]):
+  """A packing group's bytes [64, 128] -> the codes c of `planes` (s) times 4^s, minus 1: the
+  weights (c - 1) 4^s, [64, 128 len(planes)].
 
-  b = count * (warpgroup index) + i, i < count (one warpgroup: all 4 bytes). Byte b of 4 consecutive
-  words in one register (a 4 x 4 byte transpose, `prmt`s): the codes of planes 4b..4b+3 at 4
-  consecutive K, as the 8-bit operand layout wants.
-  """
-  @plgpu.inline_mgpu(arg_types=(_INT8_OPERAND,), return_type=(_operand_type(_GROUP_WORDS),) * count)
-  def gather(_, words):
-    i8x4 = ir.VectorType.get((_BYTES,), ir.IntegerType.get_signless(8))
-    if count == _BYTES:
-      pair_selectors = (0x5140, 0x7362)  # q0.0 q1.0 q0.1 q1.1 / .2 .3
-    else:  # count 2: bytes 2h, 2h + 1 of warpgroup h
-      wg = arith.shrui(mgpu_utils.thread_idx(), _i32(7))
-      pair_selectors = (arith.addi(_i32(0x5140), arith.muli(wg, _i32(0x2222))),)
-    out = [np.empty(words.registers.shape, dtype=object) for _ in range(count)]
-    for idx, reg in np.ndenumerate(words.registers):  # reg: vector<4xi32>, words q0..q3 of a row
-      q = [vector.extract(reg, dynamic_position=[], static_position=ir.DenseI64ArrayAttr.get([v]))
-           for v in range(_BYTES)]
-      gathered = []
-      for selector in pair_selectors:
-        pair01, pair23 = _prmt(q[0], q[1], selector), _prmt(q[2], q[3], selector)
-        gathered += [_prmt(pair01, pair23, 0x5410), _prmt(pair01, pair23, 0x7632)]
-      for i in range(count):
-        out[i][idx] = mgpu_utils.bitcast(gathered[i], i8x4)
-    return tuple(mgpu.FragmentedArray(_registers=r, _layout=words.layout, _is_signed=True) for r in out)
-
-  return gather(words)
-
-
-def _codes(gathered, planes: tuple[int, ...]):
-  """Byte b of the words [64, 128] -> the codes c of `planes` (s) times 4^s, [64, 128 len(planes)]
-  minus 1: the weights c - 1 times 4^s.
-
-  Plane 4b + s is 128 contiguous values of K: the operand is the run of planes 4b + planes[0]...
+  Plane s is 128 contiguous values of K: the operand is the run of planes planes[0]...
   Three ops a register of 4 weights (four for s = 3).
   """
-  @plgpu.inline_mgpu(arg_types=(_INT8_OPERAND,), return_type=_operand_type(len(planes) * _GROUP_WORDS))
-  def codes(_, gathered):
+  @plgpu.inline_mgpu(arg_types=(_INT8_OPERAND,), return_type=_operand_type(len(planes) * _GROUP_BYTES))
+  def weights(_, group):
     i32 = ir.IntegerType.get_signless(32)
     chunks = []
     for s in planes:
       shift, mask, bias = _PLANE_BITS[s]
-      out = gathered.registers.copy()
-      for idx, reg in enumerate(gathered.registers.flat):
+      out = group.registers.copy()
+      for idx, reg in enumerate(group.registers.flat):
         r = mgpu_utils.bitcast(reg, i32)
         if shift:
           r = arith.shrui(r, _i32(shift))
@@ -165,10 +126,10 @@ def _codes(gathered, planes: tuple[int, ...]):
         out.flat[idx] = mgpu_utils.bitcast(r, reg.type)
       chunks.append(out)
     # Register axis 1 counts the 16-column tiles of the operand: the planes follow each other in K.
-    return mgpu.FragmentedArray(_registers=np.concatenate(chunks, axis=1), _layout=gathered.layout,
+    return mgpu.FragmentedArray(_registers=np.concatenate(chunks, axis=1), _layout=group.layout,
                                 _is_signed=True)
 
-  return codes(gathered)
+  return weights(group)
 
 
 def _store_transposed(acc, x_scale, w_scale, out, *, m: int, scaled: bool):
@@ -231,8 +192,8 @@ def _operands(x, w, x_scale, w_scale, config: GemvConfig, *, scaled: bool, out_d
   padded_m = 8 if m <= 8 else 16
   if m != padded_m:  # a TMA block may not pass the array's end: pad x's rows (a few KiB)
     x = jnp.pad(x, ((0, padded_m - m), (0, 0)))
-  if w.dtype == jnp.uint32:
-    w = lax.bitcast_convert_type(w, jnp.int32)  # same bits; the kernel gathers bytes and masks
+  if w.dtype == jnp.uint32:  # the same memory as the rows' bytes [N, K // 4] (`ternary_pack`)
+    w = lax.bitcast_convert_type(w, jnp.int8).reshape(n, -1)
   if fused:
     return (jax.ShapeDtypeStruct((m, n), out_dtype),
             (x, w, x_scale if scaled else jnp.ones((m,), jnp.float32),
@@ -300,9 +261,9 @@ def _register_split(consumers: int) -> tuple[int, int]:
 
 def _ternary_call(x, w, x_scale, w_scale, config: GemvConfig, *, scaled: bool, out_dtype,
                   interpret):
-  """The ternary kernel (same outputs as `_int8_call`): a producer warpgroup streams x and the words
-  through a TMA ring; `config.warpgroups` consumers each unpack 4 / warpgroups bytes of every step's
-  words and keep their own accumulators, summed through shared memory at the end.
+  """The ternary kernel (same outputs as `_int8_call`): a producer warpgroup streams x and the packed
+  bytes through a TMA ring; `config.warpgroups` consumers each unpack 4 / warpgroups of every step's
+  packing groups and keep their own accumulators, summed through shared memory at the end.
 
   The ring is written out here rather than taken from `emit_pipeline_warp_specialized`: its steps
   (4 at K=8192) are unrolled, and the register split is the one `_register_split` derives.
@@ -319,22 +280,25 @@ def _ternary_call(x, w, x_scale, w_scale, config: GemvConfig, *, scaled: bool, o
   out_type, operands = _operands(x, w, x_scale, w_scale, config, scaled=scaled, out_dtype=out_dtype,
                                  fused=fused)
   padded_m = operands[0].shape[0]
-  k_slice, w_cols = k // splits, k // splits // ternary_pack.VALUES_PER_WORD
-  steps = k_slice // config.block_k  # one packing group a step
+  k_slice = k // splits
+  step_bytes = config.block_k // ternary_pack.VALUES_PER_BYTE  # of a row: _STEP_GROUPS groups
+  steps = k_slice // config.block_k
   stages = min(config.stages, steps)
-  byte_count = _BYTES // consumers  # bytes of the words a consumer unpacks
+  group_count = _STEP_GROUPS // consumers  # packing groups of a step a consumer unpacks
   producer_regs, consumer_regs = _register_split(consumers)
 
   def step(w_smem, x_smem, accs):
-    # x_smem [Mp, 2048] int8 (swizzled); w_smem [64, 128] int32 words.
+    # x_smem [Mp, 2048], w_smem [64, 512] int8 (both swizzled).
     wg = lax.axis_index("wg")
-    gathered = _gather_bytes(plgpu.load(w_smem, layout=_INT8_OPERAND), byte_count)
-    for i in range(byte_count):  # byte b: planes 4b..4b+3, x's columns [512 b, 512 (b + 1))
-      b = wg * byte_count + i
+    for i in range(group_count):  # group g: planes 0..3, x's columns [512 g, 512 (g + 1))
+      g = wg * group_count + i
+      group_start = pl.multiple_of(g * _GROUP_BYTES, _GROUP_BYTES)
+      group = plgpu.load(w_smem.at[:, pl.ds(group_start, _GROUP_BYTES)], layout=_INT8_OPERAND)
       for acc_ref, planes in zip(accs, _ACC_PLANES):
-        start = pl.multiple_of((b * _BYTES + planes[0]) * _GROUP_WORDS, _GROUP_WORDS)
-        x_planes = x_smem.at[:, pl.ds(start, len(planes) * _GROUP_WORDS)].T
-        plgpu.wgmma(acc_ref, _codes(gathered[i], planes), x_planes)
+        start = pl.multiple_of((g * ternary_pack.VALUES_PER_BYTE + planes[0]) * _GROUP_BYTES,
+                               _GROUP_BYTES)
+        x_planes = x_smem.at[:, pl.ds(start, len(planes) * _GROUP_BYTES)].T
+        plgpu.wgmma(acc_ref, _weights(group, planes), x_planes)
 
   def kernel(x_gmem, w_gmem, xs_gmem, ws_gmem, out_gmem, w_ring, x_ring, produced, consumed,
              sums_smem, sums_barrier):
@@ -372,8 +336,8 @@ def _ternary_call(x, w, x_scale, w_scale, config: GemvConfig, *, scaled: bool, o
         slot = t % stages
         if t >= stages:  # the consumers are done with step t - stages
           plgpu.barrier_wait(consumed.at[slot])
-        words = pl.ds(split * w_cols + t * _GROUP_WORDS, _GROUP_WORDS)
-        plgpu.copy_gmem_to_smem(w_gmem.at[rows, words], w_ring.at[slot], produced.at[slot])
+        w_columns = pl.ds((split * steps + t) * step_bytes, step_bytes)
+        plgpu.copy_gmem_to_smem(w_gmem.at[rows, w_columns], w_ring.at[slot], produced.at[slot])
         columns = pl.ds(split * k_slice + t * config.block_k, config.block_k)
         plgpu.copy_gmem_to_smem(x_gmem.at[:, columns], x_ring.at[slot], produced.at[slot])
 
@@ -403,9 +367,9 @@ def _ternary_call(x, w, x_scale, w_scale, config: GemvConfig, *, scaled: bool, o
       num_threads=consumers + 1,
       thread_name="wg",
       scratch_types=dict(
-          w_ring=plgpu.SMEM((stages, ROWS, _GROUP_WORDS), jnp.int32),
+          w_ring=plgpu.SMEM((stages, ROWS, step_bytes), jnp.int8, transforms=swizzled),
           x_ring=plgpu.SMEM((stages, padded_m, config.block_k), jnp.int8, transforms=swizzled),
-          produced=plgpu.Barrier(num_arrivals=2, num_barriers=stages),  # the words' and x's TMAs
+          produced=plgpu.Barrier(num_arrivals=2, num_barriers=stages),  # the weights' and x's TMAs
           consumed=plgpu.Barrier(num_arrivals=consumers, num_barriers=stages),
           sums_smem=plgpu.SMEM((max(consumers - 1, 1), ROWS, padded_m), jnp.int32),
           sums_barrier=plgpu.Barrier(num_arrivals=max(consumers - 1, 1)),

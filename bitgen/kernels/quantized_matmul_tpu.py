@@ -2,9 +2,12 @@
 
 One output-tiled kernel with a K grid axis accumulating in a VMEM int32 scratch, for every M (the
 weights stream through VMEM once per row tile, so for decode, M <= block_m, they are read once).
-Ternary weights arrive packed; each K step unpacks whole packing groups (128 words = 2048 values)
-plane by plane (see `ternary_pack`) into int8 and feeds the MXU with the weights transposed
-(both operands K-major). The scales are applied when the last K step writes the output tile.
+Ternary weights arrive packed; each K step unpacks 128 words at a time (2048 values, 4 packing
+groups of 128 bytes, see `ternary_pack`) with one shift and mask of the whole words per (byte e,
+plane s) into int8 and feeds the MXU with the weights transposed (both operands K-major). Lane
+32 g + q of (e, s) is K offset 512 g + 128 s + 4 q + e of the 2048: x's columns are permuted to
+that order once outside the kernel (`_unpack_order`). The scales are applied when the last K step
+writes the output tile.
 """
 
 import dataclasses
@@ -19,6 +22,9 @@ from bitgen.kernels import ternary_pack
 
 _NT = (((1,), (1,)), ((), ()))  # contract the last axis of both operands
 _LANES = 128
+_BYTES_PER_WORD = ternary_pack.VALUES_PER_WORD // ternary_pack.VALUES_PER_BYTE
+_CHUNK_WORDS = _LANES  # words unpacked at a time: 4 packing groups of 128 bytes
+_CHUNK_VALUES = _CHUNK_WORDS * ternary_pack.VALUES_PER_WORD
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,11 +44,10 @@ def default_config(m: int, k: int, n: int, ternary: bool) -> TpuConfig | str:
   block_n = _largest_dividing(n, (512, 256, 128)) or (n if n <= 512 else None)
   if block_n is None:
     return f"TPU kernel needs N <= 512 or a multiple of {_LANES}, got N={n}"
-  group = ternary_pack.VALUES_PER_WORD * ternary_pack.MAX_GROUP_WORDS
   if ternary:
-    if k % group:
-      return f"ternary TPU kernel needs K a multiple of {group} (whole 128-word groups), got K={k}"
-    block_k = _largest_dividing(k, (2 * group, group))
+    if k % _CHUNK_VALUES:
+      return f"ternary TPU kernel needs K a multiple of {_CHUNK_VALUES} (128 words at a time), got K={k}"
+    block_k = _largest_dividing(k, (2 * _CHUNK_VALUES, _CHUNK_VALUES))
   else:
     block_k = _largest_dividing(k, (2048, 1024, 512, 256, 128)) or (k if k <= 2048 else None)
     if block_k is None:
@@ -58,19 +63,18 @@ def _kernel(x_ref, w_ref, xs_ref, ws_ref, o_ref, acc_ref, *, ternary, scaled):
   def _init():
     acc_ref[...] = jnp.zeros_like(acc_ref)
 
-  if ternary:
-    g = ternary_pack.MAX_GROUP_WORDS
-    group_values = ternary_pack.VALUES_PER_WORD * g
+  if ternary:  # x_ref's columns in `_unpack_order`
     acc = None
-    for group in range(w_ref.shape[1] // g):
-      words = w_ref[:, group * g:(group + 1) * g]  # [bn, G]
-      for j in range(ternary_pack.VALUES_PER_WORD):
-        # Plane j of the group: K offsets [j G, (j + 1) G), codes minus 1.
-        w_plane = (((words >> (ternary_pack.BITS_PER_VALUE * j)) & 3) - 1).astype(jnp.int8)
-        start = group * group_values + j * g
-        x_plane = x_ref[:, start:start + g]  # [bm, G]
-        part = lax.dot_general(x_plane, w_plane, _NT, preferred_element_type=jnp.int32)
-        acc = part if acc is None else acc + part
+    for chunk in range(w_ref.shape[1] // _CHUNK_WORDS):
+      words = w_ref[:, chunk * _CHUNK_WORDS:(chunk + 1) * _CHUNK_WORDS]  # [bn, 128]
+      for e in range(_BYTES_PER_WORD):
+        for s in range(ternary_pack.VALUES_PER_BYTE):
+          shift = 8 * e + ternary_pack.BITS_PER_VALUE * s
+          w_part = (((words >> shift) & 3) - 1).astype(jnp.int8)  # codes minus 1
+          start = chunk * _CHUNK_VALUES + (e * ternary_pack.VALUES_PER_BYTE + s) * _LANES
+          x_part = x_ref[:, start:start + _LANES]  # [bm, 128]
+          part = lax.dot_general(x_part, w_part, _NT, preferred_element_type=jnp.int32)
+          acc = part if acc is None else acc + part
     acc_ref[...] += acc
   else:
     acc_ref[...] += lax.dot_general(x_ref[...], w_ref[...], _NT, preferred_element_type=jnp.int32)
@@ -82,6 +86,17 @@ def _kernel(x_ref, w_ref, xs_ref, ws_ref, o_ref, acc_ref, *, ternary, scaled):
       o_ref[...] = (acc.astype(jnp.float32) * xs_ref[...] * ws_ref[...]).astype(o_ref.dtype)
     else:
       o_ref[...] = acc
+
+
+def _unpack_order(x):
+  """x [M, K] -> its columns in the order the kernel unpacks ternary words: in each 2048 of K,
+  offset 512 g + 128 s + 4 q + e (g packing group, s plane, q word of the group, e byte of the word)
+  moves to 512 e + 128 s + 32 g + q."""
+  m, k = x.shape
+  groups = _CHUNK_VALUES // (ternary_pack.VALUES_PER_BYTE * ternary_pack.MAX_GROUP_BYTES)
+  words = ternary_pack.MAX_GROUP_BYTES // _BYTES_PER_WORD
+  x = x.reshape(m, k // _CHUNK_VALUES, groups, ternary_pack.VALUES_PER_BYTE, words, _BYTES_PER_WORD)
+  return x.transpose(0, 1, 5, 3, 2, 4).reshape(m, k)  # [M, chunk, e, s, g, q]
 
 
 def matmul(x, w, x_scale, w_scale, *, config, scaled: bool, out_dtype, interpret: bool = False):
@@ -97,6 +112,7 @@ def matmul(x, w, x_scale, w_scale, *, config, scaled: bool, out_dtype, interpret
     x_scale = jnp.pad(x_scale, (0, padded_m - m))
   if ternary:  # the same bits as int32: the kernel only shifts right and masks 2 bits.
     w = lax.bitcast_convert_type(w, jnp.int32)
+    x = _unpack_order(x)
     w_spec = pl.BlockSpec((bn, bk // ternary_pack.VALUES_PER_WORD), lambda i, j, kk: (j, kk))
   else:
     w_spec = pl.BlockSpec((bn, bk), lambda i, j, kk: (j, kk))

@@ -29,16 +29,17 @@ def test_pack_unpack_round_trip(k):
 
 
 def test_pack_layout_is_planes_of_a_group():
-  # K = 32: one group of G = 2 words; value at offset j G + i sits in bits [2j, 2j + 2) of word i.
-  assert ternary_pack.group_words(32) == 2
-  assert ternary_pack.group_words(8192) == 128 and ternary_pack.group_words(768) == 16
+  # K = 32: one group of B = 8 bytes; value at offset s B + i sits in bits [2s, 2s + 2) of byte i,
+  # and byte i is bits [8 (i % 4), 8 (i % 4) + 8) of word i // 4.
+  assert ternary_pack.group_bytes(32) == 8
+  assert ternary_pack.group_bytes(8192) == 128 and ternary_pack.group_bytes(768) == 64
   w = np.zeros((1, 32), np.int8)  # codes 1 everywhere (0b01 pairs)
-  w[0, 2 * 3 + 1] = 1  # j = 3, i = 1: code 2 at bits 6..7 of word 1
-  w[0, 2 * 15 + 0] = -1  # j = 15, i = 0: code 0 at bits 30..31 of word 0
+  w[0, 8 * 3 + 5] = 1  # s = 3, i = 5: code 2 at bits 6..7 of byte 5 = bits 14..15 of word 1
+  w[0, 8 * 1 + 2] = -1  # s = 1, i = 2: code 0 at bits 2..3 of byte 2 = bits 18..19 of word 0
   words = np.asarray(ternary_pack.pack_ternary(jnp.asarray(w)))
   all_zero = sum(1 << (2 * j) for j in range(16))
-  assert words[0, 0] == all_zero - (1 << 30)
-  assert words[0, 1] == all_zero + (1 << 6)
+  assert words[0, 0] == all_zero - (1 << 18)
+  assert words[0, 1] == all_zero + (1 << 14)
 
 
 def test_pack_errors():
