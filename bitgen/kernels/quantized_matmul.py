@@ -12,9 +12,9 @@ wgmma), "tpu" (Pallas, Mosaic TPU, int8 on the MXU), and "auto": the kernel of t
 where it supports the shapes, else the reference (the reason is logged). Every path gives the same integers;
 scaled outputs differ only by the float rounding of the epilogue.
 
-Ternary kernels unpack the 2-bit codes in registers (mask, minus 1) and feed the int8 MMA / MXU.
-The packed layout (`ternary_pack`) is the GPU's: a masked register is 4 consecutive values of K in
-the wgmma's operand layout, so its activations need no reordering; the TPU kernel, which unpacks
+Ternary kernels unpack the 2-bit two's complement codes in registers (shifts and masks) and feed
+the int8 MMA / MXU. The packed layout (`ternary_pack`) is the GPU's: a masked register is 4
+consecutive values of K in the wgmma's operand layout, so its activations need no reordering; the TPU kernel, which unpacks
 whole 32-bit words, takes x's columns in a fixed permutation (one XLA transpose of x a call). Measured numbers: bitgen/bench/RESULTS_quantized_matmul.md.
 """
 

@@ -14,11 +14,9 @@ the weights, only where N % 64 != 0) and the padded channels are sliced off.
   matching columns) through a TMA ring into 128-byte swizzled tiles; `warpgroups` consumer
   warpgroups each load 4 / warpgroups of the step's groups into registers in the wgmma's 8-bit
   operand layout (4 consecutive bytes a thread, conflict-free through the swizzle), so a register
-  holds the codes c = w + 1 of planes 0..3 of the group at 4 consecutive K, and one AND (two for the
-  top plane) takes plane s as c * 4^s (< 128: the wgmma takes signed 8-bit only) straight into
-  the register operand. Planes of weight 1, 4 and 16 go to three accumulators (planes are 128
-  contiguous values of K: one wgmma each, 2 and 3 share one). Two more ops a register make each byte
-  the weight (c - 1) 4^s, so no work on x is needed outside the kernel.
+  holds planes 0..3 of the group at 4 consecutive K, and a shift and an AND move plane s to the top
+  bits of each byte: the signed byte 64 w, straight into the register operand. One wgmma a group
+  (its 512 contiguous values of K) into an accumulator of 64 w x, shifted back exactly at the end.
   The consumers' accumulators are summed through shared memory. Measured numbers and the variants
   tried: RESULTS_quantized_matmul.md.
 
@@ -29,7 +27,6 @@ sums, transposes and scales them (one small XLA fusion).
 """
 
 import dataclasses
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -77,6 +74,8 @@ def default_config(m: int, k: int, n: int, ternary: bool) -> GemvConfig | str:
     block_k = ternary_pack.VALUES_PER_BYTE * _GROUP_BYTES * _STEP_GROUPS
     if k % block_k:
       return f"the ternary GEMV needs K a multiple of {block_k} (4 whole 128-byte groups), got K={k}"
+    if k > _MAX_TERNARY_K:
+      return f"the ternary GEMV's int32 accumulator (64 w x) holds K <= {_MAX_TERNARY_K}, got K={k}"
     return GemvConfig(block_k=block_k, split_k=_split_k(k, n, block_k), stages=3, warpgroups=2)
   block_k = next((b for b in (512, 256, 128) if k % b == 0), None)
   if block_k is None:
@@ -90,43 +89,39 @@ def _i32(value: int):
 
 
 _INT8_OPERAND = plgpu.Layout.WGMMA_8BIT
-# (shift, mask, bias) of bit pair s of each byte: each byte of (r >> shift) & mask is the code c = w + 1
-# of plane s times 1, 4, 16, 16 (|value| < 128: the wgmma takes signed 8-bit operands only);
-# + bias ^ 0x80808080 makes it (c - 1) times the same, per byte, with no carry between bytes.
-_PLANE_BITS = ((0, 0x03030303, 0x7F7F7F7F), (0, 0x0C0C0C0C, 0x7C7C7C7C),
-               (0, 0x30303030, 0x70707070), (2, 0x30303030, 0x70707070))
-# The planes of each accumulator (scaled 1, 4, 16): 2 and 3 are neighbours in K (one wgmma).
-_ACC_PLANES = ((0,), (1,), (2, 3))
+# Bit pair s of each byte, shifted to the byte's top bits and masked, is the signed byte 64 w: one
+# accumulator takes all four planes of a group (the 512 contiguous values of K), scaled by 64.
+_PLANE_SCALE_BITS = 6
+_TOP_BIT_PAIRS = 0xC0C0C0C0
+_MAX_TERNARY_K = 1 << 17  # |64 w x| summed over K stays below 2^31
 
 
 def _operand_type(k: int):
   return plgpu.ShapeDtypeStruct((ROWS, k), jnp.int8, layout=_INT8_OPERAND)
 
 
-def _weights(group, planes: tuple[int, ...]):
-  """A packing group's bytes [64, 128] -> the codes c of `planes` (s) times 4^s, minus 1: the
-  weights (c - 1) 4^s, [64, 128 len(planes)].
+def _weights(group):
+  """A packing group's bytes [64, 128] -> its weights times 64, [64, 512] (planes 0..3 in K order).
 
-  Plane s is 128 contiguous values of K: the operand is the run of planes planes[0]...
-  Three ops a register of 4 weights (four for s = 3).
+  Each register holds 4 consecutive bytes of a row (the 8-bit operand layout); plane s of them is
+  (r << (6 - 2 s)) & 0xC0C0C0C0: two ops a register of 4 weights (one for s = 3).
   """
-  @plgpu.inline_mgpu(arg_types=(_INT8_OPERAND,), return_type=_operand_type(len(planes) * _GROUP_BYTES))
+  @plgpu.inline_mgpu(arg_types=(_INT8_OPERAND,),
+                     return_type=_operand_type(ternary_pack.VALUES_PER_BYTE * _GROUP_BYTES))
   def weights(_, group):
     i32 = ir.IntegerType.get_signless(32)
-    chunks = []
-    for s in planes:
-      shift, mask, bias = _PLANE_BITS[s]
+    planes = []
+    for s in range(ternary_pack.VALUES_PER_BYTE):
+      shift = _PLANE_SCALE_BITS - ternary_pack.BITS_PER_VALUE * s
       out = group.registers.copy()
       for idx, reg in enumerate(group.registers.flat):
         r = mgpu_utils.bitcast(reg, i32)
         if shift:
-          r = arith.shrui(r, _i32(shift))
-        r = arith.andi(r, _i32(mask))
-        r = arith.xori(arith.addi(r, _i32(bias)), _i32(0x80808080))
-        out.flat[idx] = mgpu_utils.bitcast(r, reg.type)
-      chunks.append(out)
+          r = arith.shli(r, _i32(shift))
+        out.flat[idx] = mgpu_utils.bitcast(arith.andi(r, _i32(_TOP_BIT_PAIRS)), reg.type)
+      planes.append(out)
     # Register axis 1 counts the 16-column tiles of the operand: the planes follow each other in K.
-    return mgpu.FragmentedArray(_registers=np.concatenate(chunks, axis=1), _layout=group.layout,
+    return mgpu.FragmentedArray(_registers=np.concatenate(planes, axis=1), _layout=group.layout,
                                 _is_signed=True)
 
   return weights(group)
@@ -267,7 +262,7 @@ def _ternary_call(x, w, x_scale, w_scale, config: GemvConfig, *, scaled: bool, o
 
   The ring is written out here rather than taken from `emit_pipeline_warp_specialized`: its steps
   (4 at K=8192) are unrolled, and the register split is the one `_register_split` derives.
-  Three accumulators take the weights c - 1 of planes times 1, 4, 16 (`_PLANE_BITS`).
+  The accumulator takes the weights times 64 (`_weights`).
   """
   if interpret:
     raise NotImplementedError("the ternary GEMV's register-level code has no interpret mode")
@@ -287,18 +282,17 @@ def _ternary_call(x, w, x_scale, w_scale, config: GemvConfig, *, scaled: bool, o
   group_count = _STEP_GROUPS // consumers  # packing groups of a step a consumer unpacks
   producer_regs, consumer_regs = _register_split(consumers)
 
-  def step(w_smem, x_smem, accs):
+  group_values = ternary_pack.VALUES_PER_BYTE * _GROUP_BYTES
+
+  def step(w_smem, x_smem, acc_ref):
     # x_smem [Mp, 2048], w_smem [64, 512] int8 (both swizzled).
     wg = lax.axis_index("wg")
-    for i in range(group_count):  # group g: planes 0..3, x's columns [512 g, 512 (g + 1))
+    for i in range(group_count):  # group g: x's columns [512 g, 512 (g + 1))
       g = wg * group_count + i
       group_start = pl.multiple_of(g * _GROUP_BYTES, _GROUP_BYTES)
       group = plgpu.load(w_smem.at[:, pl.ds(group_start, _GROUP_BYTES)], layout=_INT8_OPERAND)
-      for acc_ref, planes in zip(accs, _ACC_PLANES):
-        start = pl.multiple_of((g * ternary_pack.VALUES_PER_BYTE + planes[0]) * _GROUP_BYTES,
-                               _GROUP_BYTES)
-        x_planes = x_smem.at[:, pl.ds(start, len(planes) * _GROUP_BYTES)].T
-        plgpu.wgmma(acc_ref, _weights(group, planes), x_planes)
+      x_group = x_smem.at[:, pl.ds(pl.multiple_of(g * group_values, group_values), group_values)]
+      plgpu.wgmma(acc_ref, _weights(group), x_group.T)
 
   def kernel(x_gmem, w_gmem, xs_gmem, ws_gmem, out_gmem, w_ring, x_ring, produced, consumed,
              sums_smem, sums_barrier):
@@ -344,19 +338,18 @@ def _ternary_call(x, w, x_scale, w_scale, config: GemvConfig, *, scaled: bool, o
     @pl.when(wg < consumers)
     def _consumers():
       plgpu.set_max_registers(consumer_regs, action="increase")
-      acc_type = plgpu.ACC((ROWS, padded_m), jnp.int32)
 
-      @functools.partial(pl.run_scoped, a1=acc_type, a4=acc_type, a16=acc_type)
-      def _acc_scope(a1, a4, a16):
+      def scoped(acc_ref):
         for t in range(steps):
           slot = t % stages
           plgpu.barrier_wait(produced.at[slot])
-          step(w_ring.at[slot], x_ring.at[slot], (a1, a4, a16))
+          step(w_ring.at[slot], x_ring.at[slot], acc_ref)
           plgpu.wgmma_wait(0)
           plgpu.barrier_arrive(consumed.at[slot])
-        acc = plgpu.layout_cast(a1[...] + (a4[...] >> 2) + (a16[...] >> 4),
-                                plgpu.Layout.WGMMA)  # exact: a4, a16 are multiples of 4, 16
-        finish(acc)
+        # exact: every product in the accumulator is a multiple of 64
+        finish(plgpu.layout_cast(acc_ref[...] >> _PLANE_SCALE_BITS, plgpu.Layout.WGMMA))
+
+      pl.run_scoped(scoped, plgpu.ACC((ROWS, padded_m), jnp.int32))
 
   swizzled = (plgpu.TilingTransform((8, _SWIZZLE)), plgpu.SwizzleTransform(_SWIZZLE))
   return plgpu.kernel(

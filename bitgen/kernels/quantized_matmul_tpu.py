@@ -3,8 +3,8 @@
 One output-tiled kernel with a K grid axis accumulating in a VMEM int32 scratch, for every M (the
 weights stream through VMEM once per row tile, so for decode, M <= block_m, they are read once).
 Ternary weights arrive packed; each K step unpacks 128 words at a time (2048 values, 4 packing
-groups of 128 bytes, see `ternary_pack`) with one shift and mask of the whole words per (byte e,
-plane s) into int8 and feeds the MXU with the weights transposed (both operands K-major). Lane
+groups of 128 bytes, see `ternary_pack`) with two shifts of the whole words per (byte e, plane s)
+(the 2-bit field to the top, then arithmetically down: the signed value) into int8 and feeds the MXU with the weights transposed (both operands K-major). Lane
 32 g + q of (e, s) is K offset 512 g + 128 s + 4 q + e of the 2048: x's columns are permuted to
 that order once outside the kernel (`_unpack_order`). The scales are applied when the last K step
 writes the output tile.
@@ -69,8 +69,8 @@ def _kernel(x_ref, w_ref, xs_ref, ws_ref, o_ref, acc_ref, *, ternary, scaled):
       words = w_ref[:, chunk * _CHUNK_WORDS:(chunk + 1) * _CHUNK_WORDS]  # [bn, 128]
       for e in range(_BYTES_PER_WORD):
         for s in range(ternary_pack.VALUES_PER_BYTE):
-          shift = 8 * e + ternary_pack.BITS_PER_VALUE * s
-          w_part = (((words >> shift) & 3) - 1).astype(jnp.int8)  # codes minus 1
+          top = 32 - ternary_pack.BITS_PER_VALUE - 8 * e - ternary_pack.BITS_PER_VALUE * s
+          w_part = ((words << top) >> (32 - ternary_pack.BITS_PER_VALUE)).astype(jnp.int8)
           start = chunk * _CHUNK_VALUES + (e * ternary_pack.VALUES_PER_BYTE + s) * _LANES
           x_part = x_ref[:, start:start + _LANES]  # [bm, 128]
           part = lax.dot_general(x_part, w_part, _NT, preferred_element_type=jnp.int32)
@@ -110,7 +110,7 @@ def matmul(x, w, x_scale, w_scale, *, config, scaled: bool, out_dtype, interpret
   if padded_m != m:
     x = jnp.pad(x, ((0, padded_m - m), (0, 0)))
     x_scale = jnp.pad(x_scale, (0, padded_m - m))
-  if ternary:  # the same bits as int32: the kernel only shifts right and masks 2 bits.
+  if ternary:  # the same bits as int32: the kernel's right shifts are arithmetic
     w = lax.bitcast_convert_type(w, jnp.int32)
     x = _unpack_order(x)
     w_spec = pl.BlockSpec((bn, bk // ternary_pack.VALUES_PER_WORD), lambda i, j, kk: (j, kk))

@@ -2,7 +2,8 @@
 
 A ternary matrix `w` (N, K) with values in {-1, 0, +1} is stored as `(N, K // 16)` uint32 words, each
 row K-contiguous ("K-major", the layout Hopper's int8 MMA and the TPU's transposed-RHS matmul read).
-Each value is stored as the 2-bit code `w + 1` in {0, 1, 2}.
+Each value is stored as its 2-bit two's complement code `w & 3` in {0b00, 0b01, 0b11} (0b10 is not
+used), so a field moved to the top of a signed byte or word is the value times a power of two.
 
 The layout is defined on the bytes of a row (K // 4 of them; byte `4 i + e` is bits `[8 e, 8 e + 8)`
 of word `i`). They come in groups of `B = group_bytes(K)` bytes (the largest power of two <= 128
@@ -10,9 +11,9 @@ dividing K // 4) covering `4 B` consecutive values: bits `[2 s, 2 s + 2)` of byt
 the value at offset `s B + i` of that group. Masking bit pair `s` of a group's B bytes thus yields
 the contiguous run `[s B, (s + 1) B)` ("plane" s) with the values in byte order:
 - a GPU thread holding 4 consecutive bytes in a register (the int8 MMA's operand layout) gets plane s
-  at 4 consecutive K with one AND, the plane scaled by 4^s, no shuffles;
-- a TPU kernel shifting and masking whole uint32 words gets, for each (byte e, plane s), every 4th
-  value of the planes: a fixed permutation of K that the activations take instead.
+  at 4 consecutive K as signed bytes 64 w with a shift and an AND, no shuffles;
+- a TPU kernel shifting whole int32 words (left, then arithmetically right) gets, for each (byte e,
+  plane s), every 4th value of the planes: a fixed permutation of K that the activations take instead.
 """
 
 import jax
@@ -42,7 +43,7 @@ def pack_ternary(w: jax.Array) -> jax.Array:
     raise TypeError(f"pack_ternary takes integer or float values in {{-1, 0, 1}}, got {w.dtype}")
   n, k = w.shape
   b = group_bytes(k)
-  codes = (w.astype(jnp.int32) + 1).astype(jnp.uint32)
+  codes = (w.astype(jnp.int32) & 3).astype(jnp.uint32)
   # [N, groups, 4 planes, B bytes] -> plane s to bits 2s of its byte, OR the planes together.
   codes = codes.reshape(n, k // (VALUES_PER_BYTE * b), VALUES_PER_BYTE, b)
   row_bytes = jnp.bitwise_or.reduce(codes << jnp.asarray(_PLANE_SHIFTS)[:, None], axis=2)
@@ -63,4 +64,5 @@ def unpack_ternary(words: jax.Array, dtype=jnp.int8) -> jax.Array:
   row_bytes = (words[:, :, None] >> jnp.asarray(_BYTE_SHIFTS)) & 0xFF  # [N, K // 16, 4]
   grouped = row_bytes.reshape(n, k // (VALUES_PER_BYTE * b), 1, b)
   codes = (grouped >> jnp.asarray(_PLANE_SHIFTS)[:, None]) & 3  # [N, groups, 4, B]
-  return (codes.astype(jnp.int32) - 1).astype(dtype).reshape(n, k)
+  values = (codes.astype(jnp.int32) ^ 2) - 2  # two's complement of 2 bits: 0b11 -> -1
+  return values.astype(dtype).reshape(n, k)
