@@ -163,6 +163,12 @@ def test_gpu_routing_takes_any_m_and_n(m, n):
   assert _gpu_kernel_name(gpu.default_config(m, 1024, n, True)) == "mosaic_gemm"
   reason = gpu.default_config(m, 48, n, False)
   assert _gpu_kernel_name(reason) == "refused" and "K % 128" in reason and "K=48" in reason
+  # Past 2^17 the ternary GEMV's accumulator of 64 w x could overflow int32: the GEMM takes it.
+  from bitgen.kernels import quantized_matmul_gpu_gemv as gemv
+  assert isinstance(gemv.default_config(8, 1 << 17, 64, True), gemv.GemvConfig)
+  reason = gemv.default_config(8, (1 << 17) + 2048, 64, True)
+  assert isinstance(reason, str) and "int32 accumulator" in reason
+  assert _gpu_kernel_name(gpu.default_config(8, (1 << 17) + 2048, 64, True)) == "mosaic_gemm"
 
 
 def test_gpu_gemv_split_k_only_where_the_channel_blocks_leave_multiprocessors_idle():
